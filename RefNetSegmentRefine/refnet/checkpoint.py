@@ -1,0 +1,111 @@
+"""The RefNet model file: weights plus everything needed to use them, in one artefact.
+
+The file is a plain dict of tensors and builtin types, saved with ``torch.save`` and always read
+with ``torch.load(..., weights_only=True)`` so a user-supplied file can never run code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .device import resolve_device
+from .labels import CLASS_NAMES, NUM_CLASSES
+from .model import RefNet, RefNetConfig
+
+__all__ = ["MODEL_FORMAT", "LoadedModel", "default_model_path", "load_model", "save_model"]
+
+MODEL_FORMAT = "refnet-model/1"
+_DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "refnet_phantom.pt"
+
+
+def default_model_path() -> Path:
+    """Path of the model shipped with the package (trained on the generated phantoms by ``refnet demo``)."""
+    return _DEFAULT_MODEL
+
+
+@dataclass
+class LoadedModel:
+    """A RefNet ready for inference.
+
+    Attributes:
+        net: the network, in eval mode, on ``device``.
+        metadata: the file's metadata: ``classes``, ``inputs`` (``["labels"]`` or ``["labels", "ct"]``),
+            ``ct_window`` ([level, width] HU or None), ``refine_classes`` (class indices the model
+            may change; the others are kept as they were), ``training``, ``metrics``.
+        device: where ``net`` lives.
+    """
+
+    net: RefNet
+    metadata: dict[str, Any]
+    device: torch.device
+
+    @property
+    def config(self) -> RefNetConfig:
+        return self.net.config
+
+    @property
+    def uses_ct(self) -> bool:
+        """True if the model needs the CT as input."""
+        return self.net.config.ct_channels > 0
+
+    @property
+    def refine_classes(self) -> tuple[int, ...]:
+        """Classes this model is allowed to change (all by default)."""
+        return tuple(int(c) for c in self.metadata.get("refine_classes", range(NUM_CLASSES)))
+
+
+def save_model(path: str | os.PathLike, net: RefNet, *, metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``net`` and ``metadata`` to ``path`` atomically (temp file, then rename).
+
+    ``metadata`` must hold only builtin types (dict, list, str, int, float, bool, None).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"classes": list(CLASS_NAMES), "inputs": ["labels"] + (["ct"] if net.config.ct_channels else []),
+            "ct_window": None, **(metadata or {})}
+    payload = {
+        "format": MODEL_FORMAT,
+        "config": net.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "metadata": meta,
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_model(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a RefNet model file (the shipped default when ``path`` is None).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not a RefNet model file, or a model made for other classes.
+    """
+    path = Path(path) if path is not None else default_model_path()
+    if not path.is_file():
+        hint = "run `refnet demo` or `refnet train` to make one" if path == _DEFAULT_MODEL else "check the path"
+        raise FileNotFoundError(f"{path}: no such model file; {hint}.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for foreign or damaged files
+        raise ValueError(f"{path}: not a readable RefNet model file ({type(err).__name__}).") from err
+    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path}: not a RefNet model file (expected format {MODEL_FORMAT!r}).")
+    metadata = dict(payload.get("metadata", {}))
+    classes = list(metadata.get("classes", []))
+    if classes != list(CLASS_NAMES):
+        raise ValueError(
+            f"{path}: model was made for {len(classes)} classes {classes[:4]}..., but this RefNet uses "
+            f"the {NUM_CLASSES} classes {list(CLASS_NAMES[:4])}...; use a model trained for these classes."
+        )
+    config = RefNetConfig(**payload["config"])
+    net = RefNet(config)
+    net.load_state_dict(payload["state_dict"])
+    dev = resolve_device(device)
+    return LoadedModel(net=net.to(dev).eval(), metadata=metadata, device=dev)

@@ -1,0 +1,223 @@
+"""The ``refnet`` command: thin argparse subcommands over the library, one library call each."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+logger = logging.getLogger("refnet")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _scheme(text: str) -> str:
+    from .labels import scheme_mapping
+
+    try:
+        scheme_mapping(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+    return text
+
+
+def _cmd_phantoms(args: argparse.Namespace) -> int:
+    from .data.btcv import BTCV_TEST_IDS, BTCV_TRAIN_IDS
+    from .data.phantoms import PhantomConfig, write_phantom_dataset
+
+    config = PhantomConfig.demo() if args.preset == "demo" else PhantomConfig()
+    ids = list(BTCV_TRAIN_IDS[: args.train]) + list(BTCV_TEST_IDS[: args.test])
+    out = write_phantom_dataset(args.out, ids, config=config, seed=args.seed)
+    logger.info("wrote %d phantom cases to %s", len(ids), out)
+    return 0
+
+
+def _cmd_train_segmenters(args: argparse.Namespace) -> int:
+    from .pipeline import train_segmenters
+    from .segmenters import SegmenterConfig
+
+    configs = [SegmenterConfig.demo(a, seed=i) for i, a in enumerate(args.architectures)]
+    if args.steps:
+        from dataclasses import replace
+
+        configs = [replace(c, steps=args.steps, name=None) for c in configs]
+    folders = train_segmenters(args.data, args.out, configs, device=args.device, progress=args.progress)
+    for f in folders:
+        print(f)
+    return 0
+
+
+def _train_config(args: argparse.Namespace):
+    from dataclasses import replace
+
+    from .model import RefNetConfig
+    from .pipeline import DemoConfig
+    from .train import TrainConfig
+
+    config = DemoConfig().train if args.preset == "demo" else TrainConfig()
+    overrides = {k: getattr(args, k) for k in ("optimizer", "lr", "epochs", "steps_per_epoch", "batch_size",
+                                               "raw_weight", "val_cases", "seed", "device")
+                 if getattr(args, k) is not None}
+    if args.ct:
+        overrides["model"] = replace(config.model, ct_channels=1)
+    return replace(config, **overrides) if overrides else config
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import train_from_folders
+
+    out = train_from_folders(args.data, args.predictions, args.out, config=_train_config(args),
+                             work_dir=args.work_dir, scheme=args.label_scheme, progress=args.progress)
+    print(out)
+    return 0
+
+
+def _cmd_refine(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .io import load_volume, save_volume
+    from .labels import from_class_labels, to_class_labels
+    from .refine import RefineConfig, refine_labels
+
+    out = Path(args.out)
+    if out.resolve() in {Path(args.labels).resolve(), *([Path(args.ct).resolve()] if args.ct else [])}:
+        raise ValueError(f"--out {out} is one of the inputs; choose a new file so the input is kept.")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"--out {out} already exists; pass --overwrite to replace it or choose another name.")
+    labels = load_volume(args.labels)
+    ct = load_volume(args.ct) if args.ct else None
+    if ct is not None and (ct.array.shape != labels.array.shape or not _same_grid(ct.affine, labels.affine)):
+        raise ValueError(f"{args.ct} and {args.labels} are on different grids (shape {ct.array.shape} vs "
+                         f"{labels.array.shape}); resample the label map onto the CT first.")
+    model = load_model(args.model, device=args.device)
+    classes, _unmapped = to_class_labels(labels.array, args.label_scheme)
+    refined = refine_labels(classes, labels.affine, model, ct=None if ct is None else ct.array,
+                            config=RefineConfig(batch_size=args.batch_size))
+    result = from_class_labels(refined, labels.array, args.label_scheme)
+    save_volume(out, result, labels.affine)
+    logger.info("refined %s -> %s (%d voxels changed)", args.labels, out, int((result != labels.array).sum()))
+    return 0
+
+
+def _same_grid(a, b) -> bool:
+    import numpy as np
+
+    return bool(np.allclose(a, b, atol=1e-3))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model
+    from .evaluate import write_metrics
+    from .pipeline import evaluate_refinement, report
+
+    model = load_model(args.model, device=args.device)
+    out = Path(args.out)
+    metrics = evaluate_refinement(args.data, args.predictions, model, split=args.split, scheme=args.label_scheme,
+                                  montage=out / "montage.png")
+    write_metrics(out / "metrics.json", metrics)
+    print(report(metrics))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from .pipeline import DemoConfig, report, run_demo
+
+    config = replace(DemoConfig(), device=args.device)
+    metrics = run_demo(args.out, config, progress=args.progress)
+    print(report(metrics))
+    print(f"\nwrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'montage.png'}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="refnet", description="Refine 3D segmentations with RefNet.")
+    p.add_argument("--version", action="version", version=f"refnet {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    common.add_argument("--progress", action="store_true", help="show progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("phantoms", parents=[common], help="generate synthetic abdominal CT phantoms (BTCV layout)")
+    s.add_argument("--out", required=True, help="output dataset folder")
+    s.add_argument("--train", type=_positive_int, default=10, help="training cases (default 10)")
+    s.add_argument("--test", type=_positive_int, default=6, help="test cases (default 6)")
+    s.add_argument("--preset", choices=("demo", "full"), default="demo", help="demo: coarse grid for CPU")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_phantoms)
+
+    s = sub.add_parser("train-segmenters", parents=[common], help="train K base models and predict every case")
+    s.add_argument("--data", required=True, help="BTCV-layout dataset folder")
+    s.add_argument("--out", required=True, help="folder for segmenters/ and predictions/")
+    s.add_argument("--architectures", nargs="+", default=["unet", "segresnet"],
+                   choices=("unet", "segresnet", "swinunetr"), help="one model per entry (default: unet segresnet)")
+    s.add_argument("--steps", type=_positive_int, help="training steps per model (default: demo preset)")
+    s.set_defaults(func=_cmd_train_segmenters)
+
+    s = sub.add_parser("train", parents=[common], help="train RefNet on K folders of predictions (Algorithm 1)")
+    s.add_argument("--data", required=True, help="BTCV-layout dataset with ground truth")
+    s.add_argument("--predictions", nargs="+", required=True, help="one folder of label maps per model")
+    s.add_argument("--out", required=True, help="model file to write (.pt)")
+    s.add_argument("--work-dir", help="checkpoints and loss log (default: beside --out); re-run to resume")
+    s.add_argument("--preset", choices=("paper", "demo"), default="demo",
+                   help="paper: RMSprop lr 1e-5, w=1; demo: settings that train in minutes on CPU")
+    s.add_argument("--ct", action="store_true", help="also feed the windowed CT to RefNet")
+    s.add_argument("--label-scheme", type=_scheme, default="refnet", help="label values of the predictions")
+    for name, typ in (("optimizer", str), ("lr", float), ("epochs", int), ("steps-per-epoch", int),
+                      ("batch-size", int), ("raw-weight", float), ("val-cases", int), ("seed", int)):
+        s.add_argument(f"--{name}", type=typ, help="override the preset")
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("refine", parents=[common], help="refine one label map")
+    s.add_argument("--labels", required=True, help="label map to refine (.nii, .nii.gz, .nrrd)")
+    s.add_argument("--ct", help="the CT on the same grid (needed by CT-conditioned models)")
+    s.add_argument("--model", help="RefNet model file (default: the shipped phantom model)")
+    s.add_argument("--out", required=True, help="new file for the refined label map")
+    s.add_argument("--label-scheme", type=_scheme, default="refnet",
+                   help="label values of --labels: refnet, btcv or totalsegmentator (default refnet)")
+    s.add_argument("--batch-size", type=_positive_int, default=8, help="slices per forward pass")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    s.set_defaults(func=_cmd_refine)
+
+    s = sub.add_parser("evaluate", parents=[common], help="Dice of raw vs refined on a dataset split")
+    s.add_argument("--data", required=True, help="BTCV-layout dataset with ground truth")
+    s.add_argument("--predictions", required=True, help="folder of raw predictions")
+    s.add_argument("--model", help="RefNet model file (default: the shipped phantom model)")
+    s.add_argument("--out", required=True, help="folder for metrics.json and montage.png")
+    s.add_argument("--split", choices=("train", "test", "all"), default="test")
+    s.add_argument("--label-scheme", type=_scheme, default="refnet")
+    s.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("demo", parents=[common], help="Algorithm 1 end to end on generated phantoms")
+    s.add_argument("--out", default="demo_out", help="output folder (default demo_out); re-run to resume")
+    s.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``refnet`` console script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"refnet {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""One place that turns a device request ("auto", "cpu", "cuda", "cuda:N") into a torch device."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+__all__ = ["resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(request: str | torch.device = "auto") -> torch.device:
+    """Resolve a device request, falling back to CPU (with a log line) when CUDA is missing.
+
+    Args:
+        request: ``"auto"`` (GPU if available), ``"cpu"``, ``"cuda"``/``"gpu"`` or ``"cuda:N"``.
+
+    Raises:
+        ValueError: an unrecognised request, or a CUDA index that does not exist.
+    """
+    if isinstance(request, torch.device):
+        return request
+    text = str(request).strip().lower()
+    if text == "gpu":
+        text = "cuda"
+    if text == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        logger.info("no CUDA GPU available; running on CPU")
+        return torch.device("cpu")
+    if text == "cpu":
+        return torch.device("cpu")
+    if text == "cuda" or text.startswith("cuda:"):
+        index_text = text.partition(":")[2] or "0"
+        if not index_text.isdigit():
+            raise ValueError(f"device {request!r} is not valid; use auto, cpu, cuda or cuda:N.")
+        if not torch.cuda.is_available():
+            logger.warning("device %s requested but CUDA is not available; falling back to CPU", request)
+            return torch.device("cpu")
+        if int(index_text) >= torch.cuda.device_count():
+            raise ValueError(f"device {request!r}: only {torch.cuda.device_count()} CUDA device(s) present.")
+        return torch.device(f"cuda:{index_text}")
+    raise ValueError(f"device {request!r} is not valid; use auto, cpu, cuda or cuda:N.")

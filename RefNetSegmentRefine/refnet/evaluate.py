@@ -1,0 +1,162 @@
+"""Scoring raw vs refined segmentations: per-class Dice, the paper's means, a table, JSON and a montage.
+
+``mean_dice`` averages all 13 classes including background, the convention of the paper's Table 2;
+``mean_organ_dice`` averages the 12 organs only. A class absent from a case's ground truth is left
+out of that case's average (MONAI's ``ignore_empty``) rather than counted as 0 or 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice
+
+from .labels import CLASS_NAMES, CLASSES, NUM_CLASSES
+
+__all__ = ["dice_per_class", "format_table", "save_montage", "summarise", "write_metrics"]
+
+
+def dice_per_class(pred: np.ndarray, target: np.ndarray, *, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    """Dice of every class between two label maps.
+
+    Args:
+        pred, target: integer label maps of the same shape (any dimensionality).
+        num_classes: classes scored, 0..num_classes-1.
+
+    Returns:
+        (num_classes,) float64; NaN where ``target`` lacks the class.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from ground-truth shape {target.shape}.")
+    p = torch.as_tensor(np.ascontiguousarray(pred).astype(np.int64))[None, None]
+    t = torch.as_tensor(np.ascontiguousarray(target).astype(np.int64))[None, None]
+    d = compute_dice(p, t, include_background=True, ignore_empty=True, num_classes=num_classes)
+    return d[0].double().numpy()
+
+
+def summarise(per_case: Sequence[np.ndarray]) -> dict[str, Any]:
+    """Average per-case Dice vectors into the metrics.json form of one method.
+
+    Args:
+        per_case: (C,) Dice vectors, one per case (NaN = class absent).
+
+    Returns:
+        ``{"dice": {class name: mean}, "mean_dice": mean over 13 classes, "mean_organ_dice": over 12,
+        "cases": n}``.
+    """
+    stack = np.stack(per_case)  # (N, C)
+    with warnings.catch_warnings():  # a class absent from every case stays NaN (reported as null)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_class = np.nanmean(stack, axis=0)
+    return {
+        "dice": {name: _num(v) for name, v in zip(CLASS_NAMES, per_class)},
+        "mean_dice": _num(np.nanmean(per_class)),
+        "mean_organ_dice": _num(np.nanmean(per_class[1:])),
+        "cases": len(per_case),
+    }
+
+
+def _num(x: float) -> float | None:
+    return None if not np.isfinite(x) else round(float(x), 5)
+
+
+def format_table(metrics: Mapping[str, Any], methods: Sequence[str] = ("raw", "refined")) -> str:
+    """Per-class table of the given methods with the change of the last against the first."""
+    methods = [m for m in methods if m in metrics]
+    head = f"{'class':<26}" + "".join(f"{m:>10}" for m in methods)
+    if len(methods) >= 2:
+        head += f"{'change':>10}"
+    lines = [head, "-" * len(head)]
+    rows = [*CLASS_NAMES, "mean_dice (13 classes)", "mean_organ_dice (12)"]
+    for row in rows:
+        vals = [_lookup(metrics[m], row) for m in methods]
+        line = f"{row:<26}" + "".join(f"{_fmt(v):>10}" for v in vals)
+        if len(vals) >= 2 and None not in (vals[0], vals[-1]):
+            line += f"{vals[-1] - vals[0]:>+10.4f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _lookup(method: Mapping[str, Any], row: str) -> float | None:
+    if row.startswith("mean_dice"):
+        return method["mean_dice"]
+    if row.startswith("mean_organ_dice"):
+        return method["mean_organ_dice"]
+    return method["dice"].get(row)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def write_metrics(path: str | os.PathLike, metrics: Mapping[str, Any]) -> Path:
+    """Write ``metrics`` as indented JSON atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _colour_table() -> np.ndarray:
+    return np.array([c.color for c in CLASSES], dtype=np.float32) / 255.0
+
+
+def save_montage(
+    path: str | os.PathLike,
+    ct: np.ndarray,
+    panels: Mapping[str, np.ndarray],
+    *,
+    n_slices: int = 4,
+    window: tuple[float, float] = (40.0, 400.0),
+) -> Path:
+    """PNG of a few axial slices: CT, then each label map overlaid on it, one column per panel.
+
+    Args:
+        path: output PNG.
+        ct: (I, J, K) HU in canonical RAS layout.
+        panels: title -> (I, J, K) class map, e.g. ``{"raw": ..., "refined": ..., "ground truth": ...}``.
+        n_slices: rows; the slices where the first two panels differ most are shown.
+        window: CT (level, width) in HU.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    maps = list(panels.values())
+    diff = (maps[0] != maps[1]).sum(axis=(0, 1)) if len(maps) > 1 else (maps[0] > 0).sum(axis=(0, 1))
+    order = np.argsort(-diff, kind="stable")[:n_slices]
+    rows = sorted(int(k) for k in order if diff[k] > 0) or [int(np.argmax((maps[0] > 0).sum(axis=(0, 1))))]
+    level, width = window
+    colours = _colour_table()
+    fig, axes = plt.subplots(len(rows), len(panels) + 1, figsize=(3 * (len(panels) + 1), 3 * len(rows)),
+                             squeeze=False)
+    for r, k in enumerate(rows):
+        # Anterior up, patient's right on the left (radiological convention).
+        img = np.clip((ct[:, :, k] - (level - width / 2)) / width, 0, 1).T[::-1, ::-1]
+        for c, (title, lab) in enumerate([("CT", None), *panels.items()]):
+            ax = axes[r, c]
+            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
+            if lab is not None:
+                sl = lab[:, :, k].T[::-1, ::-1]
+                rgba = np.zeros((*sl.shape, 4), dtype=np.float32)
+                rgba[..., :3] = colours[sl]
+                rgba[..., 3] = (sl > 0) * 0.55
+                ax.imshow(rgba)
+            ax.set_title(f"{title} (slice {k})", fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

@@ -1,0 +1,137 @@
+"""Reading and writing 3D volumes (NIfTI, NRRD) with their voxel-to-world affine.
+
+Writes are atomic (temporary file in the same folder, then rename) so an interrupted batch never
+leaves a half-written file that a re-run would take for a finished case.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+__all__ = ["Volume", "atomic_path", "load_volume", "save_volume", "volume_suffix"]
+
+_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A 3D array and its 4x4 voxel(i, j, k)-to-world(RAS, mm) affine."""
+
+    array: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along the three array axes."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+
+def volume_suffix(path: str | os.PathLike) -> str:
+    """The recognised file suffix of ``path`` (``.nii.gz``, ``.nii``, ``.nrrd``, ``.seg.nrrd``).
+
+    Raises:
+        ValueError: the suffix is none of these.
+    """
+    name = Path(path).name.lower()
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    raise ValueError(f"{path}: unsupported file type; use NIfTI (.nii, .nii.gz) or NRRD (.nrrd).")
+
+
+def _check_3d(array: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise ValueError(
+            f"{path}: expected a 3D volume, got {array.ndim}D with shape {array.shape}; "
+            "RefNet refines one 3D label map per file (split 4D series, stack 2D slices first)."
+        )
+    return array
+
+
+def load_volume(path: str | os.PathLike) -> Volume:
+    """Load a 3D NIfTI or NRRD file.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: not a 3D volume, or an unsupported file type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; check the path.")
+    suffix = volume_suffix(path)
+    if suffix.endswith(".nrrd"):
+        array, affine = _load_nrrd(path)
+    else:
+        img = nib.load(str(path))
+        array, affine = np.asanyarray(img.dataobj), img.affine
+    return Volume(_check_3d(np.asarray(array), path), np.asarray(affine, dtype=np.float64))
+
+
+def _load_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        import nrrd  # optional: pip install pynrrd
+    except ImportError as err:
+        raise ValueError(f"{path}: reading NRRD needs pynrrd; run `pip install pynrrd` or use NIfTI.") from err
+    array, header = nrrd.read(str(path))
+    directions = np.asarray(header.get("space directions", np.eye(3)), dtype=np.float64)
+    if directions.shape[0] > 3:  # a leading non-spatial axis (multi-layer .seg.nrrd) has no direction
+        raise ValueError(f"{path}: NRRD with a non-spatial axis (layered segmentation); export a labelmap.")
+    origin = np.asarray(header.get("space origin", np.zeros(3)), dtype=np.float64)
+    affine = np.eye(4)
+    affine[:3, :3] = directions.T
+    affine[:3, 3] = origin
+    space = str(header.get("space", "left-posterior-superior")).lower()
+    if space in ("left-posterior-superior", "lps"):
+        affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # NRRD is usually LPS; our affines are RAS
+    return array, affine
+
+
+def atomic_path(path: str | os.PathLike) -> tuple[Path, Path]:
+    """A temporary path beside ``path`` with the same suffix, for write-then-rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = volume_suffix(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[: -len(suffix)]}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    return Path(tmp), path
+
+
+def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
+    """Write ``array`` with ``affine`` atomically to NIfTI or NRRD, chosen by suffix.
+
+    Returns:
+        The written path.
+    """
+    tmp, path = atomic_path(path)
+    try:
+        if volume_suffix(path).endswith(".nrrd"):
+            _save_nrrd(tmp, array, affine)
+        else:
+            img = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+            img.set_qform(affine, code=1)
+            img.set_sform(affine, code=1)
+            nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def _save_nrrd(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
+    try:
+        import nrrd
+    except ImportError as err:
+        raise ValueError(f"{path}: writing NRRD needs pynrrd; run `pip install pynrrd` or use NIfTI.") from err
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)
+    header = {"space": "left-posterior-superior", "space directions": lps[:3, :3].T,
+              "space origin": lps[:3, 3], "kinds": ["domain"] * 3, "encoding": "gzip"}
+    nrrd.write(str(path), np.asarray(array), header)

@@ -1,0 +1,102 @@
+"""RefNet: a per-class label embedding followed by a 2D UNet that predicts a corrected label slice.
+
+The raw label slice is also added to the logits as a scaled one-hot ("identity start"): with the
+UNet's last layer zero-initialised, an untrained RefNet returns its input unchanged, and training
+only has to learn corrections. This is what keeps thin and small classes (portal vein, adrenals)
+from being erased early in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import BasicUNet
+from torch import nn
+
+from .labels import NUM_CLASSES
+
+__all__ = ["RefNet", "RefNetConfig"]
+
+
+@dataclass(frozen=True)
+class RefNetConfig:
+    """Architecture of a RefNet; stored whole in the model file."""
+
+    num_classes: int = NUM_CLASSES  # classes in and out (13: background + 12 organs)
+    embed_dim: int = 8  # length of the learned vector per class
+    context: int = 1  # neighbouring slices on each side fed as extra embedded channels (0 = pure 2D)
+    ct_channels: int = 0  # windowed CT channels concatenated after the embedding (0 = labels only)
+    features: tuple[int, ...] = (16, 32, 64, 128, 256, 16)  # monai BasicUNet feature sizes
+    identity_scale: float = 4.0  # weight of the raw one-hot added to the logits (0 disables)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {self.num_classes}.")
+        if self.embed_dim < 1:
+            raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}.")
+        if self.context < 0 or self.ct_channels < 0:
+            raise ValueError(f"context and ct_channels must be >= 0, got {self.context}, {self.ct_channels}.")
+        if len(self.features) != 6:
+            raise ValueError(f"features needs 6 sizes (BasicUNet), got {len(self.features)}.")
+        object.__setattr__(self, "features", tuple(int(f) for f in self.features))
+
+    @property
+    def slices(self) -> int:
+        """Label slices per sample: the centre slice plus ``context`` on each side."""
+        return 2 * self.context + 1
+
+    def to_dict(self) -> dict:
+        """Plain-types form for the model file."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+class RefNet(nn.Module):
+    """Label-embedding 2D UNet refiner.
+
+    Args:
+        config: architecture; see :class:`RefNetConfig`.
+    """
+
+    def __init__(self, config: RefNetConfig | None = None) -> None:
+        super().__init__()
+        config = config if config is not None else RefNetConfig()
+        self.config = config
+        self.embedding = nn.Embedding(config.num_classes, config.embed_dim)
+        in_channels = config.slices * config.embed_dim + config.ct_channels
+        self.unet = BasicUNet(
+            spatial_dims=2, in_channels=in_channels, out_channels=config.num_classes,
+            features=config.features, dropout=config.dropout,
+        )
+        if config.identity_scale > 0:
+            nn.init.zeros_(self.unet.final_conv.weight)
+            nn.init.zeros_(self.unet.final_conv.bias)
+
+    def forward(self, labels: torch.Tensor, ct: torch.Tensor | None = None) -> torch.Tensor:
+        """Refine a batch of label slices.
+
+        Args:
+            labels: (B, S, H, W) int64 class indices, S = ``config.slices``, centre slice in the middle.
+            ct: (B, ct_channels, H, W) float32 windowed CT in [0, 1], required iff ``ct_channels > 0``.
+
+        Returns:
+            (B, C, H, W) float32 logits for the centre slice.
+        """
+        cfg = self.config
+        b, s, h, w = labels.shape
+        if s != cfg.slices:
+            raise ValueError(f"expected {cfg.slices} label slices per sample, got {s}.")
+        x = self.embedding(labels)  # (B, S, H, W, E)
+        x = x.permute(0, 1, 4, 2, 3).reshape(b, s * cfg.embed_dim, h, w)  # (B, S*E, H, W)
+        if cfg.ct_channels:
+            if ct is None or ct.shape[1] != cfg.ct_channels:
+                raise ValueError(f"this RefNet needs {cfg.ct_channels} CT channel(s); pass ct.")
+            x = torch.cat([x, ct.to(x.dtype)], dim=1)  # (B, S*E + ct, H, W)
+        logits = self.unet(x)  # (B, C, H, W)
+        if cfg.identity_scale > 0:
+            centre = labels[:, cfg.context]  # (B, H, W)
+            identity = F.one_hot(centre, cfg.num_classes).permute(0, 3, 1, 2)  # (B, C, H, W)
+            logits = logits + cfg.identity_scale * identity.to(logits.dtype)
+        return logits

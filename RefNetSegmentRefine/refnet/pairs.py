@@ -1,0 +1,66 @@
+"""Assembling RefNet training pairs from files: ground truth plus K folders of model predictions.
+
+Every array is brought to canonical RAS layout here, once, so training never has to think about
+orientation; refinement does the same through :mod:`refnet.geometry`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .geometry import canonical_affine, to_canonical
+from .train import TrainingPair
+
+__all__ = ["load_training_pairs"]
+
+
+def load_training_pairs(
+    dataset_dir: str | os.PathLike,
+    prediction_dirs: Sequence[str | os.PathLike],
+    *,
+    split: str = "train",
+    scheme: str = "refnet",
+    with_ct: bool = False,
+) -> list[TrainingPair]:
+    """One pair per (case, prediction folder): K folders give K pairs per case (Algorithm 1, step 1).
+
+    Args:
+        dataset_dir: BTCV-layout dataset with ground truth.
+        prediction_dirs: folders of predicted label maps named by case (see
+            :func:`refnet.segmenters.load_prediction_folder`).
+        split: which cases: ``train``, ``test`` or ``all``.
+        scheme: label scheme of the prediction files.
+        with_ct: also keep the CT (for CT-conditioned RefNets).
+
+    Raises:
+        ValueError: no prediction folders, or predictions whose shape differs from the image.
+    """
+    from .data.btcv import find_cases, load_case, split_cases
+    from .segmenters import load_prediction_folder
+
+    if not prediction_dirs:
+        raise ValueError("no prediction folders given; pass one folder of label maps per segmentation model.")
+    cases = split_cases(find_cases(dataset_dir), split)
+    if not cases:
+        raise ValueError(f"{dataset_dir}: no cases of the {split!r} split found.")
+    ids = [c.case_id for c in cases]
+    predictions = {Path(d).name: load_prediction_folder(d, ids, scheme=scheme) for d in prediction_dirs}
+    pairs = []
+    for case in cases:
+        ct, target = load_case(case)
+        canon_target, _ = to_canonical(target, ct.affine)
+        canon_ct = to_canonical(ct.array, ct.affine)[0].astype(np.float32) if with_ct else None
+        affine = canonical_affine(ct.affine, ct.array.shape)
+        for source, preds in predictions.items():
+            raw = preds[case.case_id]
+            if raw.shape != target.shape:
+                raise ValueError(f"{source}: prediction of case {case.case_id} has shape {raw.shape}, "
+                                 f"image has {target.shape}; resample predictions onto the image grid.")
+            pairs.append(TrainingPair(raw=np.ascontiguousarray(to_canonical(raw, ct.affine)[0]),
+                                      target=np.ascontiguousarray(canon_target), case_id=case.case_id,
+                                      source=source, ct=canon_ct, affine=affine))
+    return pairs

@@ -1,0 +1,376 @@
+"""Training RefNet on (raw prediction, ground truth) pairs: the paper's Algorithm 1, step 2.
+
+Reads top to bottom like nanoGPT's train.py: config, pairs, batch sampling, validation, the loop.
+Two guards keep a refiner from silently destroying a class: held-out cases pick the best epoch, and
+a per-class check on them lists the classes the model may change (``refine_classes`` in the model
+file); a class that got worse keeps its raw mask at inference.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import LoadedModel, save_model
+from .device import resolve_device
+from .evaluate import dice_per_class, summarise
+from .labels import NUM_CLASSES
+from .losses import RefNetLoss
+from .model import RefNet, RefNetConfig
+from .refine import RefineConfig, label_slab, refine_labels, window_ct
+
+__all__ = ["TrainConfig", "TrainingPair", "sample_batch", "train_from_folders", "train_refnet", "validate"]
+
+logger = logging.getLogger(__name__)
+
+_OPTIMIZERS = {"rmsprop": torch.optim.RMSprop, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """RefNet training settings; the defaults are the paper's where it gives one."""
+
+    model: RefNetConfig = field(default_factory=RefNetConfig)
+    optimizer: str = "rmsprop"  # paper: RMSprop
+    lr: float = 1e-5  # paper: 1e-5 (slow from scratch on CPU; the demo preset uses a larger one)
+    epochs: int = 10
+    steps_per_epoch: int = 200
+    batch_size: int = 16
+    crop_size: int = 96  # square in-plane crops (multiple of 16)
+    raw_weight: float = 1.0  # w of CE(P, S); paper: 1
+    dice_weight: float = 1.0
+    class_weight_power: float = 0.0  # CE class weights (1/frequency)^power; 0 = unweighted (paper)
+    val_cases: int = 2  # cases held out (all their pairs) for epoch choice and the per-class check
+    min_class_gain: float = 0.0  # held-out Dice gain a class needs to be refined (else it keeps raw labels)
+    ct_window: tuple[float, float] = (40.0, 400.0)  # (level, width) HU for CT-conditioned models
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in _OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(_OPTIMIZERS)}, got {self.optimizer!r}.")
+        if self.lr <= 0 or self.epochs < 1 or self.steps_per_epoch < 1 or self.batch_size < 1:
+            raise ValueError("lr, epochs, steps_per_epoch and batch_size must be positive.")
+        if self.crop_size < 16 or self.crop_size % 16:
+            raise ValueError(f"crop_size must be a multiple of 16 (>= 16), got {self.crop_size}.")
+        if self.val_cases < 0:
+            raise ValueError(f"val_cases must be >= 0, got {self.val_cases}.")
+
+
+@dataclass(frozen=True)
+class TrainingPair:
+    """One training pair, all arrays in canonical RAS layout (axial slices ``[:, :, k]``).
+
+    Attributes:
+        raw: (I, J, K) uint8 classes from a segmentation model (S).
+        target: (I, J, K) uint8 ground-truth classes (GT).
+        case_id: the case, so all pairs of a case go to the same side of the validation split.
+        source: which segmentation model made ``raw``.
+        ct: (I, J, K) float32 HU, needed for CT-conditioned models.
+        affine: (4, 4) voxel-to-world affine.
+    """
+
+    raw: np.ndarray
+    target: np.ndarray
+    case_id: int
+    source: str = ""
+    ct: np.ndarray | None = None
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+
+    def __post_init__(self) -> None:
+        if self.raw.shape != self.target.shape or self.raw.ndim != 3:
+            raise ValueError(f"case {self.case_id}: raw {self.raw.shape} and target {self.target.shape} "
+                             "must be 3D arrays of one shape.")
+        if self.ct is not None and self.ct.shape != self.raw.shape:
+            raise ValueError(f"case {self.case_id}: CT shape {self.ct.shape} differs from labels {self.raw.shape}.")
+
+
+class _Sampler:
+    """Class-balanced crop centres: pick a pair, then a class present in it, then one of its voxels.
+
+    Balancing by class (like MONAI's RandCropByLabelClasses) lets thin and small structures be seen
+    as often as the liver; written here because it has to draw from raw and target jointly.
+    """
+
+    def __init__(self, pairs: Sequence[TrainingPair]) -> None:
+        self.pairs = pairs
+        self.coords: list[dict[int, np.ndarray]] = []
+        for p in pairs:
+            per_class = {}
+            for c in range(1, NUM_CLASSES):
+                idx = np.flatnonzero(((p.raw == c) | (p.target == c)).ravel())
+                if idx.size:
+                    per_class[c] = idx
+            self.coords.append(per_class)
+
+    def centre(self, rng: np.random.Generator) -> tuple[int, tuple[int, int, int]]:
+        i = int(rng.integers(len(self.pairs)))
+        per_class = self.coords[i]
+        if not per_class:
+            shape = self.pairs[i].raw.shape
+            return i, tuple(int(rng.integers(s)) for s in shape)
+        c = list(per_class)[int(rng.integers(len(per_class)))]
+        flat = per_class[c][int(rng.integers(per_class[c].size))]
+        return i, tuple(int(v) for v in np.unravel_index(flat, self.pairs[i].raw.shape))
+
+
+def _crop(volume: np.ndarray, ci: int, cj: int, size: int) -> np.ndarray:
+    """(I, J, ...) -> (size, size, ...) window centred at (ci, cj), edge-padded."""
+    lo_i, lo_j = ci - size // 2, cj - size // 2
+    pad = [(max(0, -lo_i), max(0, lo_i + size - volume.shape[0])),
+           (max(0, -lo_j), max(0, lo_j + size - volume.shape[1]))] + [(0, 0)] * (volume.ndim - 2)
+    v = np.pad(volume, pad, mode="edge") if any(a or b for a, b in pad[:2]) else volume
+    i0, j0 = lo_i + pad[0][0], lo_j + pad[1][0]
+    return v[i0 : i0 + size, j0 : j0 + size]
+
+
+def sample_batch(
+    sampler: _Sampler, config: TrainConfig, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """Draw one training batch.
+
+    Returns:
+        ``(labels, target, raw, ct)``: (B, S, H, W) int64 raw label slabs, (B, H, W) int64 ground truth,
+        (B, H, W) int64 raw centre slices, and (B, 1, H, W) float32 windowed CT or None.
+    """
+    ctx, size = config.model.context, config.crop_size
+    slabs, targets, cts = [], [], []
+    for _ in range(config.batch_size):
+        i, (ci, cj, ck) = sampler.centre(rng)
+        p = sampler.pairs[i]
+        slab = label_slab(_crop(p.raw, ci, cj, size), [ck], ctx)[0]  # (S, H, W)
+        slabs.append(slab)
+        targets.append(_crop(p.target[:, :, ck], ci, cj, size))
+        if config.model.ct_channels:
+            cts.append(window_ct(_crop(p.ct[:, :, ck], ci, cj, size), *config.ct_window)[None])
+    labels = np.stack(slabs).astype(np.int64)
+    raw = labels[:, ctx]
+    ct = np.stack(cts).astype(np.float32) if cts else None
+    return labels, np.stack(targets).astype(np.int64), raw, ct
+
+
+def validate(model: LoadedModel, pairs: Sequence[TrainingPair]) -> dict[str, Any]:
+    """Per-class Dice of raw and refined against ground truth on held-out pairs.
+
+    Returns:
+        ``{"raw": summary, "refined": summary, "raw_per_class": [...], "refined_per_class": [...]}``
+        where summaries are :func:`refnet.evaluate.summarise` outputs.
+    """
+    raw_scores, ref_scores = [], []
+    for p in pairs:
+        refined = refine_labels(p.raw, p.affine, model, ct=p.ct, config=RefineConfig())
+        raw_scores.append(dice_per_class(p.raw, p.target))
+        ref_scores.append(dice_per_class(refined, p.target))
+    with warnings.catch_warnings():  # a class absent from every held-out case is NaN, on purpose
+        warnings.simplefilter("ignore", RuntimeWarning)
+        raw_pc, ref_pc = np.nanmean(raw_scores, axis=0), np.nanmean(ref_scores, axis=0)
+    return {"raw": summarise(raw_scores), "refined": summarise(ref_scores),
+            "raw_per_class": raw_pc.tolist(), "refined_per_class": ref_pc.tolist()}
+
+
+def _class_weights(pairs: Sequence[TrainingPair], power: float) -> list[float] | None:
+    if power == 0:
+        return None
+    counts = np.zeros(NUM_CLASSES)
+    for p in pairs:
+        counts += np.bincount(p.target.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
+    weights = (counts.sum() / np.maximum(counts, 1)) ** power
+    return (weights / weights.mean()).tolist()
+
+
+def _split(pairs: Sequence[TrainingPair], val_cases: int) -> tuple[list[TrainingPair], list[TrainingPair]]:
+    ids = sorted({p.case_id for p in pairs})
+    if val_cases >= len(ids):
+        raise ValueError(f"val_cases={val_cases} leaves no training case out of {len(ids)}; lower it.")
+    held = set(ids[len(ids) - val_cases :]) if val_cases else set()
+    return [p for p in pairs if p.case_id not in held], [p for p in pairs if p.case_id in held]
+
+
+def _gate(val: dict[str, Any], min_gain: float) -> list[int]:
+    """Classes whose held-out Dice rose by at least ``min_gain`` (negative: fell by at most); background always."""
+    allowed = [0]
+    for c in range(1, NUM_CLASSES):
+        raw, ref = val["raw_per_class"][c], val["refined_per_class"][c]
+        if not (np.isfinite(raw) and np.isfinite(ref)) or ref >= raw + min_gain:
+            allowed.append(c)
+    return allowed
+
+
+def train_refnet(
+    pairs: Sequence[TrainingPair],
+    config: TrainConfig,
+    *,
+    work_dir: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    progress: bool = False,
+    provenance: dict[str, Any] | None = None,
+) -> LoadedModel:
+    """Train a RefNet on ``pairs``; checkpoint each epoch to ``work_dir`` and resume from there.
+
+    Args:
+        pairs: training pairs (K per case when K segmentation models were used).
+        config: training settings.
+        work_dir: holds ``last.pt`` (resume point), ``best.pt`` and ``train_log.jsonl``.
+        output: where the final model file goes (default ``work_dir/refnet.pt``).
+        progress: show a tqdm bar per epoch.
+        provenance: extra builtin-typed facts stored under ``metadata["training"]``.
+
+    Returns:
+        The best model (by held-out mean Dice), with its per-class check applied.
+    """
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    train_pairs, val_pairs = _split(pairs, config.val_cases)
+    if config.model.ct_channels and any(p.ct is None for p in pairs):
+        raise ValueError("the model takes the CT as input but some training pairs have no CT.")
+    device = resolve_device(config.device)
+    torch.manual_seed(config.seed)
+    net = RefNet(config.model).to(device)
+    optimiser = _OPTIMIZERS[config.optimizer](net.parameters(), lr=config.lr)
+    loss_fn = RefNetLoss(raw_weight=config.raw_weight, dice_weight=config.dice_weight,
+                         class_weights=_class_weights(train_pairs, config.class_weight_power)).to(device)
+    start, best = _resume(work, net, optimiser)
+    sampler = _Sampler(train_pairs)
+    meta = _metadata(config, pairs, train_pairs, val_pairs, provenance)
+    for epoch in range(start, config.epochs):
+        losses = _run_epoch(net, optimiser, loss_fn, sampler, config, epoch, device, progress)
+        record: dict[str, Any] = {"epoch": epoch + 1, **losses}
+        if val_pairs:
+            val = validate(LoadedModel(net.eval(), meta, device), val_pairs)
+            record.update(val_raw=val["raw"]["mean_dice"], val_refined=val["refined"]["mean_dice"])
+            if best is None or val["refined"]["mean_dice"] > best["score"]:
+                best = {"score": val["refined"]["mean_dice"], "epoch": epoch + 1}
+                save_model(work / "best.pt", net, metadata={**meta, "validation": val})
+        _log(work, record)
+        _checkpoint(work, net, optimiser, epoch + 1, best)
+    return _finish(work, net, meta, val_pairs, config, output, device)
+
+
+def _run_epoch(net, optimiser, loss_fn, sampler, config, epoch, device, progress) -> dict[str, float]:
+    rng = np.random.default_rng([config.seed, epoch])  # per-epoch streams make resume exact
+    torch.manual_seed(config.seed * 1000 + epoch)
+    net.train()
+    sums = {"loss": 0.0, "ce_gt": 0.0, "dice_gt": 0.0, "ce_raw": 0.0}
+    steps = range(config.steps_per_epoch)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+    for _ in steps:
+        labels, target, raw, ct = sample_batch(sampler, config, rng)
+        x = torch.from_numpy(labels).to(device)
+        c = None if ct is None else torch.from_numpy(ct).to(device)
+        logits = net(x, c)
+        terms = loss_fn.terms(logits, torch.from_numpy(target).to(device), torch.from_numpy(raw).to(device))
+        loss = terms["ce_gt"] + loss_fn.dice_weight * terms["dice_gt"] + loss_fn.raw_weight * terms["ce_raw"]
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        sums["loss"] += float(loss.detach())
+        for k in ("ce_gt", "dice_gt", "ce_raw"):
+            sums[k] += float(terms[k].detach())
+    net.eval()
+    return {k: round(v / config.steps_per_epoch, 5) for k, v in sums.items()}
+
+
+def _metadata(config, pairs, train_pairs, val_pairs, provenance) -> dict[str, Any]:
+    cfg = asdict(replace(config, model=RefNetConfig()))
+    cfg.pop("model")
+    return {
+        "ct_window": list(config.ct_window) if config.model.ct_channels else None,
+        "training": {
+            "config": json.loads(json.dumps(cfg)),
+            "pairs": len(pairs),
+            "train_cases": sorted({p.case_id for p in train_pairs}),
+            "val_cases": sorted({p.case_id for p in val_pairs}),
+            "sources": sorted({p.source for p in pairs}),
+            **(provenance or {}),
+        },
+    }
+
+
+def _finish(work, net, meta, val_pairs, config, output, device) -> LoadedModel:
+    from .checkpoint import load_model
+
+    if val_pairs and (work / "best.pt").exists():
+        best = load_model(work / "best.pt", device=device)
+        net, meta = best.net, {**meta, "validation": best.metadata["validation"]}
+    model = LoadedModel(net.eval(), meta, device)
+    if val_pairs:
+        allowed = _gate(meta["validation"], config.min_class_gain)
+        model.metadata["refine_classes"] = allowed
+        dropped = sorted(set(range(NUM_CLASSES)) - set(allowed))
+        if dropped:
+            logger.warning("per-class check: classes %s got worse on held-out cases and keep raw labels", dropped)
+        model.metadata["validation_gated"] = validate(model, val_pairs)
+    out = Path(output) if output is not None else work / "refnet.pt"
+    save_model(out, model.net, metadata=model.metadata)
+    logger.info("saved RefNet model to %s", out)
+    return model
+
+
+def _log(work: Path, record: dict[str, Any]) -> None:
+    logger.info("epoch %s: %s", record["epoch"], {k: v for k, v in record.items() if k != "epoch"})
+    with open(work / "train_log.jsonl", "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def _checkpoint(work: Path, net, optimiser, epoch: int, best: dict | None) -> None:
+    tmp = work / ".last.pt.tmp"
+    torch.save({"epoch": epoch, "net": net.state_dict(), "optimiser": optimiser.state_dict(),
+                "best": best, "config": net.config.to_dict()}, tmp)
+    os.replace(tmp, work / "last.pt")
+
+
+def _resume(work: Path, net, optimiser) -> tuple[int, dict | None]:
+    path = work / "last.pt"
+    if not path.exists():
+        return 0, None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("config") != net.config.to_dict():
+        raise ValueError(f"{path} was written for another RefNet architecture; use a fresh work directory.")
+    net.load_state_dict(state["net"])
+    optimiser.load_state_dict(state["optimiser"])
+    logger.info("resuming from %s at epoch %d", path, state["epoch"])
+    return int(state["epoch"]), state.get("best")
+
+
+def train_from_folders(
+    dataset_dir: str | os.PathLike,
+    prediction_dirs: Sequence[str | os.PathLike],
+    output: str | os.PathLike,
+    *,
+    config: TrainConfig | None = None,
+    work_dir: str | os.PathLike | None = None,
+    scheme: str = "refnet",
+    progress: bool = False,
+) -> Path:
+    """Train from a BTCV-layout dataset and K folders of predictions on its training cases.
+
+    Args:
+        dataset_dir: images and ground truth (``img/imgXXXX.nii.gz``, ``label/labelXXXX.nii.gz``).
+        prediction_dirs: one folder of label maps per segmentation model.
+        output: model file to write.
+        config: training settings.
+        work_dir: checkpoints and log (default: beside ``output``).
+        scheme: label scheme of the prediction files.
+
+    Returns:
+        ``output``.
+    """
+    from .pairs import load_training_pairs
+
+    config = config or TrainConfig()
+    pairs = load_training_pairs(dataset_dir, prediction_dirs, scheme=scheme, with_ct=config.model.ct_channels > 0)
+    work = Path(work_dir) if work_dir is not None else Path(output).parent / f"{Path(output).stem}_work"
+    train_refnet(pairs, config, work_dir=work, output=output, progress=progress)
+    return Path(output)

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny RefNet model files for the core and adapter tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from refnet.checkpoint import load_model, save_model
+from refnet.model import RefNet, RefNetConfig
+
+TINY_FEATURES = (4, 4, 8, 8, 16, 4)
+
+# Tiny nets gain nothing from intra-op threads, and on a busy 2-core machine they lose a lot to them.
+torch.set_num_threads(1)
+
+
+def make_model_file(path, *, perturb: bool = True, ct_channels: int = 0, metadata=None):
+    """A tiny RefNet saved to ``path``; ``perturb`` makes it change labels (an untrained one is identity)."""
+    torch.manual_seed(0)
+    net = RefNet(RefNetConfig(features=TINY_FEATURES, ct_channels=ct_channels))
+    if perturb:
+        torch.nn.init.normal_(net.unet.final_conv.weight, std=2.0)
+    save_model(path, net, metadata=metadata)
+    return path
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    return load_model(make_model_file(tmp_path / "tiny.pt"))
+
+
+@pytest.fixture
+def identity_model(tmp_path):
+    return load_model(make_model_file(tmp_path / "identity.pt", perturb=False))

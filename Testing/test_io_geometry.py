@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+from refnet.geometry import axial_axis, canonical_affine, check_affine, to_canonical
+from refnet.io import load_volume, save_volume, volume_suffix
+
+LPS_LIKE = np.diag([-0.8, -0.8, 3.0, 1.0])
+SAGITTAL = np.array([[0, 0, 1.0, 5], [-1.0, 0, 0, 6], [0, -2.5, 0, 7], [0, 0, 0, 1]])
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii", ".nrrd"])
+def test_save_load_round_trip(tmp_path, suffix):
+    arr = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    path = save_volume(tmp_path / f"x{suffix}", arr, LPS_LIKE)
+    vol = load_volume(path)
+    np.testing.assert_array_equal(vol.array, arr)
+    np.testing.assert_allclose(vol.affine, LPS_LIKE, atol=1e-5)
+    assert vol.spacing == pytest.approx((0.8, 0.8, 3.0))
+    assert [p.name for p in tmp_path.iterdir()] == [f"x{suffix}"]  # no temp file left behind
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_volume(tmp_path / "missing.nii.gz")
+    save_volume(tmp_path / "flat.nii.gz", np.zeros((4, 4, 1, 2)), np.eye(4))
+    with pytest.raises(ValueError, match="expected a 3D volume, got 4D"):
+        load_volume(tmp_path / "flat.nii.gz")
+    with pytest.raises(ValueError, match="unsupported file type"):
+        volume_suffix("a.png")
+
+
+def test_trailing_singleton_axis_is_dropped(tmp_path):
+    save_volume(tmp_path / "a.nii.gz", np.zeros((4, 4, 3, 1), np.uint8), np.eye(4))
+    assert load_volume(tmp_path / "a.nii.gz").array.shape == (4, 4, 3)
+
+
+@pytest.mark.parametrize(("affine", "axis"), [(np.eye(4), 2), (LPS_LIKE, 2), (SAGITTAL, 1)])
+def test_axial_axis(affine, axis):
+    assert axial_axis(affine) == axis
+
+
+@pytest.mark.parametrize("affine", [np.eye(4), LPS_LIKE, SAGITTAL])
+def test_to_canonical_round_trip_and_world_positions(affine):
+    arr = np.random.default_rng(0).integers(0, 9, (5, 6, 7))
+    canon, reo = to_canonical(arr, affine)
+    np.testing.assert_array_equal(reo.backward(canon), arr)
+    caff = canonical_affine(affine, arr.shape)
+    assert np.all(np.diag(caff)[:3] > 0) and np.count_nonzero(caff[:3, :3]) == 3
+    # The same world point holds the same value in both layouts.
+    ijk = np.array([1, 2, 3, 1.0])
+    world = affine @ ijk
+    cijk = np.round(np.linalg.inv(caff) @ world).astype(int)[:3]
+    assert canon[tuple(cijk)] == arr[1, 2, 3]
+
+
+def test_check_affine_errors():
+    with pytest.raises(ValueError, match="4x4"):
+        check_affine(np.eye(3))
+    with pytest.raises(ValueError, match="singular"):
+        check_affine(np.diag([1.0, 0.0, 1.0, 1.0]))

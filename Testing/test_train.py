@@ -1,0 +1,103 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from refnet.checkpoint import load_model
+from refnet.model import RefNetConfig
+from refnet.train import TrainConfig, TrainingPair, _gate, _Sampler, sample_batch, train_refnet
+
+TINY = RefNetConfig(features=(4, 4, 8, 8, 16, 4))
+
+
+def _pair(seed, shape=(32, 32, 6)):
+    rng = np.random.default_rng(seed)
+    gt = np.zeros(shape, np.uint8)
+    ii, jj = np.mgrid[: shape[0], : shape[1]]
+    for c, (ci, cj, r) in enumerate([(10, 10, 6), (22, 22, 5), (22, 8, 2)], start=1):
+        gt[((ii - ci) ** 2 + (jj - cj) ** 2 < r * r)[..., None] & (np.arange(shape[2]) > 0)] = [6, 1, 12][c - 1]
+    edge = ndimage.binary_dilation(gt > 0) & ~ndimage.binary_erosion(gt > 0)
+    raw = np.where(edge & (rng.random(shape) < 0.5), 0, gt).astype(np.uint8)
+    return TrainingPair(raw=raw, target=gt, case_id=seed, source="m")
+
+
+def _config(**kw):
+    base = dict(model=TINY, optimizer="adam", lr=1e-3, epochs=2, steps_per_epoch=3, batch_size=4, crop_size=32,
+                val_cases=1, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_sample_batch_shapes_and_class_balance():
+    pairs = [_pair(0), _pair(1)]
+    cfg = _config(batch_size=64)
+    labels, target, raw, ct = sample_batch(_Sampler(pairs), cfg, np.random.default_rng(0))
+    assert labels.shape == (64, 3, 32, 32) and target.shape == (64, 32, 32) and ct is None
+    np.testing.assert_array_equal(raw, labels[:, 1])
+    # The small adrenal disc (class 12) is a crop centre about a third of the time, so it is in most crops.
+    assert (target == 12).any(axis=(1, 2)).mean() > 0.25
+
+
+def test_train_writes_model_log_and_resumes(tmp_path):
+    pairs = [_pair(s) for s in range(3)]
+    model = train_refnet(pairs, _config(), work_dir=tmp_path / "w")
+    assert (tmp_path / "w" / "refnet.pt").exists() and (tmp_path / "w" / "last.pt").exists()
+    log = [json.loads(line) for line in (tmp_path / "w" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in log) and "val_refined" in log[0]
+    loaded = load_model(tmp_path / "w" / "refnet.pt")
+    assert loaded.metadata["training"]["val_cases"] == [2]
+    assert 0 in loaded.metadata["refine_classes"]
+    assert model.metadata["validation_gated"]["refined"]["mean_dice"] is not None
+    # Resume: a longer run continues from epoch 2 instead of starting again.
+    train_refnet(pairs, _config(epochs=3), work_dir=tmp_path / "w")
+    log = [json.loads(line) for line in (tmp_path / "w" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+
+
+def test_training_is_seeded(tmp_path):
+    pairs = [_pair(s) for s in range(3)]
+    a = train_refnet(pairs, _config(val_cases=0, epochs=1), work_dir=tmp_path / "a")
+    b = train_refnet(pairs, _config(val_cases=0, epochs=1), work_dir=tmp_path / "b")
+    for (ka, va), (_, vb) in zip(a.net.state_dict().items(), b.net.state_dict().items()):
+        assert torch.equal(va, vb), ka
+
+
+def test_training_learns_to_fill_ragged_edges(tmp_path):
+    torch.manual_seed(0)
+    pairs = [_pair(s) for s in range(4)]
+    # raw_weight=0: with w = 1, CE(P, S) and CE(P, GT) cancel where they disagree and only Dice can flip a voxel.
+    cfg = _config(epochs=3, steps_per_epoch=30, batch_size=8, val_cases=1, lr=3e-3, raw_weight=0.0)
+    model = train_refnet(pairs, cfg, work_dir=tmp_path / "w")
+    val = model.metadata["validation_gated"]
+    assert val["refined"]["mean_dice"] > val["raw"]["mean_dice"]
+
+
+def test_gate_drops_only_classes_that_got_worse():
+    raw = [1.0] + [0.8] * 12
+    ref = [1.0] + [0.85] * 12
+    ref[10], ref[12] = 0.5, 0.799
+    assert _gate({"raw_per_class": raw, "refined_per_class": ref}, 0.0) == [0, *range(1, 10), 11]
+    assert 12 in _gate({"raw_per_class": raw, "refined_per_class": ref}, -0.005)
+    assert _gate({"raw_per_class": raw, "refined_per_class": ref}, 0.1) == [0]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"optimizer": "sgd"}, "optimizer must be one of"), ({"crop_size": 40}, "multiple of 16"),
+     ({"lr": 0}, "must be positive"), ({"val_cases": -1}, "val_cases")],
+)
+def test_config_ill_opts(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        _config(**kwargs)
+
+
+def test_pair_and_split_errors(tmp_path):
+    with pytest.raises(ValueError, match="must be 3D arrays of one shape"):
+        TrainingPair(raw=np.zeros((2, 2, 2)), target=np.zeros((2, 2, 3)), case_id=1)
+    with pytest.raises(ValueError, match="leaves no training case"):
+        train_refnet([_pair(0)], _config(val_cases=1), work_dir=tmp_path)
+    with pytest.raises(ValueError, match="takes the CT"):
+        train_refnet([_pair(0), _pair(1)], _config(model=RefNetConfig(features=TINY.features, ct_channels=1)),
+                     work_dir=tmp_path)
