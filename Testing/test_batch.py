@@ -1,0 +1,298 @@
+"""refnet.batch (plain-Python batch) and the Slicer batch script's argument handling, resume and atomic writes.
+
+The Slicer script is driven through the stand-in ``slicer`` (Testing/slicer_standin) only for its
+wiring (arguments -> module Logic -> refnet.batch -> exit status); its Slicer file readers are
+replaced by refnet.io here, so reading through Slicer is not tested.
+"""
+
+import importlib.util
+import logging
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from refnet import batch
+from refnet.checkpoint import load_model
+from refnet.io import load_volume, save_volume
+
+from .conftest import make_model_file
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "RefNetSegmentRefine" / "Scripts" / "RefNetBatchRefine.py"
+STANDIN = Path(__file__).resolve().parent / "slicer_standin"
+AFFINE = np.diag([0.8, 0.8, 2.5, 1.0])
+_STANDIN_NAMES = ("slicer", "vtk", "qt", "ctk", "RefNetSegmentRefine", "PyTorchUtils")
+
+
+def _labels(seed=0, shape=(36, 32, 8)):
+    rng = np.random.default_rng(seed)
+    lab = np.zeros(shape, np.uint8)
+    x, y = rng.integers(4, 10, 2)
+    lab[x:x + 14, y:y + 12, 2:6] = 6
+    lab[x + 16:x + 22, y:y + 6, 1:5] = 1
+    return lab
+
+
+def _dataset(root, names=("label0001.nii.gz", "label0002.nii.gz"), *, with_ct=False):
+    root.mkdir(parents=True, exist_ok=True)
+    for seed, name in enumerate(names):
+        save_volume(root / name, _labels(seed), AFFINE)
+        if with_ct:
+            ct = np.random.default_rng(seed).normal(40, 30, _labels(seed).shape).astype(np.float32)
+            save_volume(root / name.replace("label", "img"), ct, AFFINE)
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny nets run ~100x faster on one thread on small CI machines (thread spin-up dominates)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    return make_model_file(tmp_path / "tiny.pt")
+
+
+# ---------------------------------------------------------------------------------------------- discovery
+
+
+def test_find_cases_flat_folder_with_btcv_names(tmp_path):
+    root = _dataset(tmp_path / "d", with_ct=True)
+    (root / ".label0003.tmp.nii.gz").write_bytes(b"partial")  # a leftover temporary file
+    (root / "notes.txt").write_text("x")
+    cases = batch.find_cases(root)
+    assert [c.name for c in cases] == ["label0001.nii.gz", "label0002.nii.gz"]
+    assert cases[0].ct == root / "img0001.nii.gz"
+
+
+def test_find_cases_btcv_root_with_label_and_img_folders(tmp_path):
+    _dataset(tmp_path / "label")
+    (tmp_path / "img").mkdir()
+    save_volume(tmp_path / "img" / "img0002.nii.gz", np.zeros((2, 2, 2), np.float32), AFFINE)
+    cases = batch.find_cases(tmp_path)
+    assert [c.name for c in cases] == ["label0001.nii.gz", "label0002.nii.gz"]
+    assert cases[0].ct is None and cases[1].ct == tmp_path / "img" / "img0002.nii.gz"
+
+
+def test_find_cases_same_name_ct_folder(tmp_path):
+    _dataset(tmp_path / "pred", names=("case_a.nii.gz",))
+    _dataset(tmp_path / "ct", names=("case_a.nii.gz",))
+    (case,) = batch.find_cases(tmp_path / "pred", ct_dir=tmp_path / "ct")
+    assert case.ct == tmp_path / "ct" / "case_a.nii.gz"
+
+
+def test_find_cases_missing_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        batch.find_cases(tmp_path / "nope")
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--output", "OUT"], "the following arguments are required: --input"),
+    (["--input", "MISSING", "--output", "OUT"], "no such folder"),
+    (["--input", "IN", "--output", "IN"], "must differ from --input"),
+    (["--input", "IN", "--output", "OUT", "--model", "none.pt"], "no such file"),
+    (["--input", "IN", "--output", "OUT", "--label-scheme", "nnunet"], "invalid choice"),
+])
+def test_parse_args_rejects_bad_input(tmp_path, capsys, extra, message):
+    (tmp_path / "IN").mkdir()
+    argv = [str(tmp_path / a) if a in ("IN", "OUT", "MISSING", "none.pt") else a for a in extra]
+    with pytest.raises(SystemExit) as exit_info:
+        batch.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- run_batch
+
+
+def _identity(labels, affine, ct):
+    return labels.copy()
+
+
+def test_run_batch_writes_skips_and_records_failures(tmp_path):
+    root = _dataset(tmp_path / "in", names=("a.nii.gz", "b.nii.gz", "c.nii.gz"))
+    out = tmp_path / "out"
+    out.mkdir()
+    save_volume(out / "b.nii.gz", np.zeros((2, 2, 2), np.uint8), AFFINE)  # finished by an earlier run
+
+    cases = [*batch.find_cases(root), batch.Case("x.nii.gz", tmp_path / "missing.nii.gz")]
+    summary = batch.run_batch(cases, out, _identity)
+    assert summary.done == ["a.nii.gz", "c.nii.gz"]
+    assert summary.skipped == ["b.nii.gz"]
+    assert summary.failed[0][0] == "x.nii.gz" and "FileNotFoundError" in summary.failed[0][1]
+    assert summary.exit_code == 1
+    assert "2 done, 1 skipped (output exists), 1 failed" in summary.format()
+    np.testing.assert_array_equal(load_volume(out / "a.nii.gz").array, _labels(0))
+    assert load_volume(out / "b.nii.gz").array.shape == (2, 2, 2)  # not overwritten
+
+
+def test_run_batch_write_is_atomic(tmp_path, monkeypatch):
+    root = _dataset(tmp_path / "in", names=("a.nii.gz",))
+    import refnet.io as io_module
+
+    def half_write(img, path):
+        Path(path).write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io_module.nib, "save", half_write)
+    summary = batch.run_batch(batch.find_cases(root), tmp_path / "out", _identity)
+    assert summary.failed and "disk full" in summary.failed[0][1]
+    assert list((tmp_path / "out").iterdir()) == []  # no partial output a re-run would take for finished
+    monkeypatch.undo()
+    assert batch.run_batch(batch.find_cases(root), tmp_path / "out", _identity).done == ["a.nii.gz"]
+
+
+def test_load_case_files_checks_ct(tmp_path):
+    root = _dataset(tmp_path / "in", names=("label0001.nii.gz",), with_ct=True)
+    (case,) = batch.find_cases(root)
+    labels, _, ct = batch.load_case_files(case, needs_ct=True)
+    assert ct.shape == labels.shape
+    assert batch.load_case_files(case, needs_ct=False)[2] is None
+    with pytest.raises(ValueError, match="needs the CT but none was found"):
+        batch.load_case_files(batch.Case(case.name, case.labels), needs_ct=True)
+    save_volume(case.ct, np.zeros((3, 3, 3), np.float32), AFFINE)
+    with pytest.raises(ValueError, match="another voxel grid"):
+        batch.load_case_files(case, needs_ct=True)
+
+
+def test_refine_label_map_keeps_the_input_scheme(tmp_path, model_file):
+    model = load_model(model_file)
+    lab = _labels().astype(np.int16)
+    lab[lab == 1] = 13  # BTCV left adrenal
+    lab[0, 0, 0] = 14  # a value outside BTCV's classes: kept
+    out = batch.refine_label_map(lab, AFFINE, model=model, scheme="btcv")
+    assert out.dtype == lab.dtype and out.shape == lab.shape
+    assert out[0, 0, 0] == 14
+    assert set(np.unique(out)) <= set(range(15))
+
+
+# ---------------------------------------------------------------------------------------------- plain-Python main
+
+
+def test_main_refines_then_resumes(tmp_path, model_file, caplog):
+    root = _dataset(tmp_path / "in")
+    argv = ["--input", str(root), "--output", str(tmp_path / "out"), "--model", str(model_file), "--device", "cpu"]
+    with caplog.at_level(logging.INFO):
+        assert batch.main(argv) == 0
+    model = load_model(model_file)
+    for seed, name in enumerate(["label0001.nii.gz", "label0002.nii.gz"]):
+        written = load_volume(tmp_path / "out" / name)
+        np.testing.assert_array_equal(written.array, batch.refine_label_map(_labels(seed), AFFINE, model=model))
+        np.testing.assert_allclose(written.affine, AFFINE)
+    assert "2 done, 0 skipped" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert batch.main(argv) == 0
+    assert "0 done, 2 skipped" in caplog.text
+
+
+def test_main_fails_cases_without_ct_for_a_ct_model(tmp_path, caplog):
+    model_file = make_model_file(tmp_path / "ct.pt", ct_channels=1)
+    root = _dataset(tmp_path / "in", names=("label0001.nii.gz", "label0002.nii.gz"), with_ct=True)
+    (root / "img0002.nii.gz").unlink()
+    argv = ["--input", str(root), "--output", str(tmp_path / "out"), "--model", str(model_file)]
+    with caplog.at_level(logging.INFO):
+        assert batch.main(argv) == 1
+    assert (tmp_path / "out" / "label0001.nii.gz").is_file()
+    assert not (tmp_path / "out" / "label0002.nii.gz").exists()
+    assert "FAILED label0002.nii.gz: ValueError: the model needs the CT" in caplog.text
+
+
+@pytest.mark.parametrize(("setup", "message"), [
+    ("empty", "no label maps"),
+    ("bad_model", "not a readable RefNet model"),
+])
+def test_main_setup_errors_exit_1(tmp_path, caplog, setup, message):
+    (tmp_path / "in").mkdir()
+    model = tmp_path / "m.pt"
+    if setup == "bad_model":
+        _dataset(tmp_path / "in")
+        model.write_bytes(b"not torch")
+    else:
+        make_model_file(model)
+    assert batch.main(["--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--model", str(model)]) == 1
+    assert message in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- Slicer script
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("RefNetBatchRefine", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def standin(monkeypatch):
+    """The stand-in slicer on sys.path for one test; every module it brought is removed afterwards."""
+    saved = {n: m for n, m in sys.modules.items() if n.split(".")[0] in _STANDIN_NAMES}
+    for name in saved:
+        del sys.modules[name]
+    monkeypatch.syspath_prepend(str(STANDIN))
+    monkeypatch.syspath_prepend(str(ROOT / "RefNetSegmentRefine"))
+    import slicer
+
+    yield slicer
+    for name in [n for n in sys.modules if n.split(".")[0] in _STANDIN_NAMES]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["RefNetBatchRefine.py", "--", "--input", "a", "--output", "b"], ["--input", "a", "--output", "b"]),
+    (["RefNetBatchRefine.py", "--input", "a"], ["--input", "a"]),
+    (["RefNetBatchRefine.py", "--", "--input", "--", "x"], ["--input", "--", "x"]),
+    (["RefNetBatchRefine.py"], []),
+])
+def test_script_arguments(argv, expected):
+    assert _load_script().scriptArguments(argv) == expected
+
+
+def test_script_imports_without_slicer_and_handles_arguments(tmp_path, capsys):
+    assert "slicer" not in sys.modules
+    script = _load_script()
+    assert script.main(["s.py", "--", "--help"]) == 0
+    assert "--label-scheme" in capsys.readouterr().out
+    assert script.main(["s.py", "--", "--input", str(tmp_path / "none"), "--output", str(tmp_path / "o")]) == 2
+    (tmp_path / "in").mkdir()
+    assert script.main(["s.py", "--", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "o")]) == 1
+
+
+def test_script_refines_through_the_module_logic(tmp_path, model_file, standin, monkeypatch, caplog):
+    root = _dataset(tmp_path / "in")
+    script = _load_script()
+    monkeypatch.setattr(script, "loadCaseWithSlicer", batch.load_case_files)  # Slicer's readers: Slicer-only
+    argv = ["s.py", "--", "--input", str(root), "--output", str(tmp_path / "out"), "--model", str(model_file)]
+    with caplog.at_level(logging.INFO):
+        assert script.main(argv) == 0
+    model = load_model(model_file)
+    np.testing.assert_array_equal(load_volume(tmp_path / "out" / "label0001.nii.gz").array,
+                                  batch.refine_label_map(_labels(0), AFFINE, model=model))
+    assert "2 done" in caplog.text
+    assert script.main(argv) == 0  # resumed: everything skipped
+
+
+def test_script_as_main_always_exits_through_slicer(tmp_path, standin, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--", "--input", str(tmp_path / "none"), "--output", "o"])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    assert standin.app.exit_status == 2
+    (tmp_path / "in").mkdir()
+    _dataset(tmp_path / "in")
+    model = make_model_file(tmp_path / "m.pt")
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--", "--input", str(tmp_path / "in"), "--output",
+                                      str(tmp_path / "out"), "--model", str(model)])
+    runpy.run_path(str(SCRIPT), run_name="__main__")  # the stand-in has no loadLabelVolume: cases fail
+    assert standin.app.exit_status == 1

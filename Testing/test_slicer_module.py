@@ -1,0 +1,384 @@
+"""RefNetSegmentRefine.py driven through the stand-in ``slicer`` (Testing/slicer_standin).
+
+What this verifies: the module imports without Slicer's GUI; the Logic's node <-> array conversion
+((K, J, I) arrays, IJK-to-RAS geometry, segment matching, output node built from the refined map)
+gives exactly the core's refinement of the same arrays; the input node is never changed; bad input,
+cancel and failures leave the scene as it was. What only Slicer can verify is listed in the
+stand-in's docstring (resampling, rendering, widgets, parameter node binding, installation).
+"""
+
+import importlib
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+from refnet.checkpoint import load_model, save_model
+from refnet.model import RefNet, RefNetConfig
+from refnet.refine import RefinementCancelled, refine_labels
+from refnet.segments import compose_class_map, split_class_map
+
+from .conftest import TINY_FEATURES, make_model_file
+
+ROOT = Path(__file__).resolve().parents[1]
+STANDIN = Path(__file__).resolve().parent / "slicer_standin"
+_STANDIN_NAMES = ("slicer", "vtk", "qt", "ctk", "RefNetSegmentRefine", "PyTorchUtils")
+SHAPE_IJK = (40, 36, 8)
+# Left-right and anterior-posterior flipped, as Slicer's IJK-to-RAS of a DICOM CT usually is.
+AFFINE = np.array([[-0.8, 0, 0, 15.0], [0, -0.8, 0, 20.0], [0, 0, 2.5, -40.0], [0, 0, 0, 1]])
+
+
+@pytest.fixture(scope="module")
+def M():
+    """The module imported against the stand-in; sys.modules and sys.path are restored afterwards."""
+    saved = {n: m for n, m in sys.modules.items() if n.split(".")[0] in _STANDIN_NAMES}
+    for name in saved:
+        del sys.modules[name]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(STANDIN))
+        mp.syspath_prepend(str(ROOT / "RefNetSegmentRefine"))
+        yield importlib.import_module("RefNetSegmentRefine")
+    for name in [n for n in sys.modules if n.split(".")[0] in _STANDIN_NAMES]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
+@pytest.fixture
+def slicer(M):
+    import torch
+
+    module = sys.modules["slicer"]
+    module.mrmlScene.Clear()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny nets: thread spin-up dominates on small CI machines
+    yield module
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    return make_model_file(tmp_path / "tiny.pt")
+
+
+def _kji(array_ijk):
+    return np.ascontiguousarray(np.asarray(array_ijk).transpose(2, 1, 0))
+
+
+def _box(sl):
+    mask = np.zeros(SHAPE_IJK, bool)
+    mask[sl] = True
+    return mask
+
+
+# name, terminology, colour, (I, J, K) mask
+SEGMENTS = [
+    ("liver", "", (0.9, 0.5, 0.4), _box(np.s_[4:20, 5:22, 2:6])),
+    ("Tumor", "", (1.0, 0.0, 0.0), _box(np.s_[8:12, 8:12, 3:5])),
+    ("Segment_3", "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical "
+     "Structure~SCT^64033007^Kidney~SCT^24028007^Right~Anatomic codes - DICOM master list~^^~^^",
+     (0.7, 0.4, 0.3), _box(np.s_[24:32, 6:14, 1:6])),
+    ("adrenal_gland_right", "", (0.9, 0.8, 0.6), _box(np.s_[22:25, 18:22, 3:5])),
+    ("adrenal_gland_left", "", (0.9, 0.8, 0.6), _box(np.s_[30:33, 18:22, 3:5])),
+]
+
+
+def _scene(slicer, *, ct_dtype=np.int16, segments=SEGMENTS, with_reference=True):
+    """A CT volume and a segmentation made on it, built through the (stand-in) Slicer API."""
+    ct_ijk = np.random.default_rng(0).normal(40, 60, SHAPE_IJK).astype(ct_dtype)
+    ct = slicer.util.addVolumeFromArray(_kji(ct_ijk), ijkToRAS=AFFINE, name="CT")
+    seg = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Model output")
+    seg.CreateDefaultDisplayNodes()
+    seg.SetReferenceImageGeometryParameterFromVolumeNode(ct)
+    for name, terminology, color, mask in segments:
+        sid = seg.GetSegmentation().AddEmptySegment("", name, color)
+        if terminology:
+            segment = seg.GetSegmentation().GetSegment(sid)
+            segment.SetTag(segment.GetTerminologyEntryTagName(), terminology)
+        slicer.util.updateSegmentBinaryLabelmapFromArray(_kji(mask).astype(np.uint8), seg, sid, ct)
+    if not with_reference:
+        seg.SetNodeReferenceID(seg.GetReferenceImageGeometryReferenceRole(), None)
+    return ct, seg, ct_ijk
+
+
+def _arrays(slicer, seg, ct):
+    ids = [seg.GetSegmentation().GetNthSegmentID(i) for i in range(seg.GetSegmentation().GetNumberOfSegments())]
+    return {sid: slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, ct) for sid in ids}
+
+
+def _metadata(M, seg):
+    segmentation = seg.GetSegmentation()
+    out = []
+    for sid, name, terminology in M.RefNetSegmentRefineLogic.segmentList(seg):
+        out.append((sid, name, terminology, tuple(segmentation.GetSegment(sid).GetColor())))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ import
+
+
+def test_module_imports_with_the_four_classes(M, slicer):
+    from slicer.ScriptedLoadableModule import (
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+        ScriptedLoadableModuleWidget,
+    )
+
+    assert issubclass(M.RefNetSegmentRefine, ScriptedLoadableModule)
+    assert issubclass(M.RefNetSegmentRefineWidget, ScriptedLoadableModuleWidget)
+    assert issubclass(M.RefNetSegmentRefineLogic, ScriptedLoadableModuleLogic)
+    assert issubclass(M.RefNetSegmentRefineTest, ScriptedLoadableModuleTest)
+    module = M.RefNetSegmentRefine(types.SimpleNamespace())
+    assert module.parent.title == "RefNet Segment Refine" and module.parent.categories == ["Segmentation"]
+    assert [d.label() for d in M.Device] == ["Auto (GPU if available)", "GPU (CUDA)", "CPU"]
+    assert M.RefNetSegmentRefineLogic().moduleName == "RefNetSegmentRefine"
+
+
+# ------------------------------------------------------------------------------------------ acceptance
+
+
+def test_refine_makes_a_new_node_equal_to_the_core_refinement(M, slicer, model_file):
+    ct, seg, _ = _scene(slicer)
+    before, meta_before = _arrays(slicer, seg, ct), _metadata(M, seg)
+    logic = M.RefNetSegmentRefineLogic()
+    result = logic.refine(seg, modelPath=str(model_file), device="cpu")  # CT: the segmentation's reference
+
+    # expected: the core on the same arrays
+    matched = [(mask, c) for (name, _, _, mask), c in zip(SEGMENTS, [6, None, 2, 12, 12]) if c]
+    raw = compose_class_map([m for m, _ in matched], [c for _, c in matched])
+    refined = refine_labels(raw, AFFINE, load_model(model_file))
+    assert (refined != raw).sum() > 50  # the perturbed net really changes labels
+    expected = split_class_map(refined, [m for m, _ in matched], [c for _, c in matched], spacing=(0.8, 0.8, 2.5))
+
+    out = result.outputNode
+    assert out.GetName() == "Model output refined"
+    assert slicer.mrmlScene.nodes("vtkMRMLSegmentationNode") == [seg, out]
+    assert _metadata(M, out) == meta_before  # IDs, names, terminology, colours, order
+    got = _arrays(slicer, out, ct)
+    ids = [sid for sid, _, _, _ in meta_before]
+    for sid, mask in zip([ids[0], ids[2], ids[3], ids[4]], expected):
+        np.testing.assert_array_equal(got[sid], _kji(mask))
+    np.testing.assert_array_equal(got[ids[1]], before[ids[1]])  # Tumor: unmatched, passed through
+    for sid, array in before.items():  # the input node is unchanged
+        np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, ct), array)
+    assert _metadata(M, seg) == meta_before
+    np.testing.assert_array_equal(result.changes, raw != refined)
+    assert result.unmatchedSegments == ["Tumor"]
+    assert "Tumor" in result.report and "on cpu" in result.report
+    assert out.GetNodeReference(out.GetReferenceImageGeometryReferenceRole()) is ct
+    assert slicer.app.layoutManager() is None  # batch-like stand-in: the Logic never needed the layout
+
+
+def test_ct_model_gets_the_ct_in_ijk_order(M, slicer, tmp_path):
+    model_file = make_model_file(tmp_path / "ct.pt", ct_channels=1, metadata={"ct_window": [40.0, 400.0]})
+    ct, seg, ct_ijk = _scene(slicer, segments=SEGMENTS[:1])
+    logic = M.RefNetSegmentRefineLogic()
+    result = logic.refine(seg, ct, modelPath=str(model_file), device="cpu")
+    model = load_model(model_file)
+    expected = refine_labels(compose_class_map([SEGMENTS[0][3]], [6]), AFFINE, model, ct=ct_ijk.astype(np.float32))
+    sid = seg.GetSegmentation().GetNthSegmentID(0)
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(result.outputNode, sid, ct),
+                                  _kji(expected == 6))
+    assert "label map + CT intensities (window 40/400 HU)" in logic.describeModel(str(model_file))
+    assert "label map only" in logic.describeModel(str(make_model_file(tmp_path / "l.pt")))
+
+
+def test_refine_arrays_is_the_batch_array_path(M, slicer, model_file):
+    from refnet.batch import refine_label_map
+
+    labels = compose_class_map([SEGMENTS[0][3], SEGMENTS[3][3]], [6, 12]).astype(np.int16)
+    labels[labels == 12] = 13  # BTCV numbering
+    logic = M.RefNetSegmentRefineLogic()
+    got = logic.refineArrays(labels, AFFINE, modelPath=str(model_file), device="cpu", labelScheme="btcv")
+    np.testing.assert_array_equal(got, refine_label_map(labels, AFFINE, model=load_model(model_file), scheme="btcv"))
+    assert logic.loadModel(str(model_file), "cpu") is logic.loadModel(str(model_file), "cpu")  # cached
+
+
+def test_changes_node_holds_the_changed_voxels(M, slicer, model_file):
+    ct, seg, _ = _scene(slicer)
+    logic = M.RefNetSegmentRefineLogic()
+    result = logic.refine(seg, ct, modelPath=str(model_file), device="cpu")
+    node = logic.createChangesNode(result)
+    assert node.GetName() == "Model output refined changes"
+    (sid, name, _), = logic.segmentList(node)
+    assert name == "Changed by RefNet"
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(node, sid, ct), _kji(result.changes))
+
+
+def test_review_layout_needs_a_main_window(M, slicer):
+    ct, seg, _ = _scene(slicer, segments=SEGMENTS[:1])
+    assert M.showSideBySide(seg, seg, ct) is False  # batch mode: no layout manager, nothing touched
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def _other_classes_model(tmp_path):
+    net = RefNet(RefNetConfig(features=TINY_FEATURES))
+    return save_model(tmp_path / "other.pt", net, metadata={"classes": ["background", "tumor"]})
+
+
+@pytest.mark.parametrize(("case", "error", "match"), [
+    ("no segmentation", ValueError, "Select a segmentation"),
+    ("no CT", ValueError, "Select the CT volume"),
+    ("CT on another grid", ValueError, "different voxel grid"),
+    ("CT under another transform", ValueError, "different transforms"),
+    ("no matching segment", ValueError, "None of the segments \\(Tumor\\) matches.*Liver"),
+    ("model for other classes", ValueError, "made for 2 classes"),
+    ("missing model file", FileNotFoundError, "no such model file"),
+    ("missing shipped model", FileNotFoundError, "shipped with the extension is missing"),
+])
+def test_bad_input_changes_nothing(M, slicer, model_file, tmp_path, monkeypatch, case, error, match):
+    ct, seg, _ = _scene(slicer, segments=SEGMENTS[1:2] if case == "no matching segment" else SEGMENTS,
+                        with_reference=case != "no CT")
+    before = _arrays(slicer, seg, ct)
+    args = {"segmentationNode": seg, "volumeNode": None if case == "no CT" else ct, "modelPath": str(model_file)}
+    if case == "no segmentation":
+        args["segmentationNode"] = None
+    elif case == "CT on another grid":
+        args["volumeNode"] = slicer.util.addVolumeFromArray(np.zeros((8, 36, 40), np.int16), ijkToRAS=np.eye(4))
+    elif case == "CT under another transform":
+        ct.SetAndObserveTransformNodeID("vtkMRMLLinearTransformNode9")
+    elif case == "model for other classes":
+        args["modelPath"] = str(_other_classes_model(tmp_path))
+    elif case == "missing model file":
+        args["modelPath"] = str(tmp_path / "none.pt")
+    elif case == "missing shipped model":
+        import refnet.checkpoint
+
+        monkeypatch.setattr(refnet.checkpoint, "_DEFAULT_MODEL", tmp_path / "weights" / "refnet_phantom.pt")
+        args["modelPath"] = None
+    nodes = list(slicer.mrmlScene.nodes())
+    with pytest.raises(error, match=match):
+        M.RefNetSegmentRefineLogic().refine(**args, device="cpu")
+    assert slicer.mrmlScene.nodes() == nodes
+    ct.SetAndObserveTransformNodeID(None)  # the stand-in reads segments only without transforms
+    for sid, array in before.items():
+        np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(seg, sid, ct), array)
+
+
+def test_cancel_leaves_the_scene_as_it_was(M, slicer, model_file):
+    ct, seg, _ = _scene(slicer)
+    nodes, calls = list(slicer.mrmlScene.nodes()), []
+
+    def progress(done, total):
+        calls.append((done, total))
+        return False  # the Cancel button
+
+    with pytest.raises(RefinementCancelled):
+        M.RefNetSegmentRefineLogic().refine(seg, ct, modelPath=str(model_file), progressCallback=progress)
+    assert calls and slicer.mrmlScene.nodes() == nodes
+
+
+def test_failure_while_building_the_output_removes_it(M, slicer, model_file, monkeypatch):
+    ct, seg, _ = _scene(slicer)
+    nodes = list(slicer.mrmlScene.nodes())
+    logic = slicer.modules.segmentations.logic()
+    monkeypatch.setattr(logic, "ImportLabelmapToSegmentationNode", lambda *args: False)
+    with pytest.raises(RuntimeError, match="could not import"):
+        M.RefNetSegmentRefineLogic().refine(seg, ct, modelPath=str(model_file))
+    assert slicer.mrmlScene.nodes() == nodes  # neither the output nor the temporary labelmap is left
+
+
+def test_input_removed_during_refinement(M, slicer, model_file):
+    ct, seg, _ = _scene(slicer)
+
+    def progress(done, total):
+        slicer.mrmlScene.RemoveNode(seg)  # the user deletes it while the GUI processes events
+        return True
+
+    with pytest.raises(RuntimeError, match="removed during refinement"):
+        M.RefNetSegmentRefineLogic().refine(seg, ct, modelPath=str(model_file), progressCallback=progress)
+    assert slicer.mrmlScene.nodes("vtkMRMLSegmentationNode") == []
+
+
+def test_segmentation_cropped_on_the_ct_grid_is_accepted(M, slicer, model_file):
+    ct, seg, _ = _scene(slicer, segments=SEGMENTS[:1])
+    matrix = AFFINE.copy()
+    matrix[:3, 3] += AFFINE[:3, :3] @ [2, 3, 1]
+    text = "".join(f"{float(v)!r};" for v in matrix.ravel()) + "0;10;0;10;0;4;"
+    seg.GetSegmentation().SetConversionParameter("Reference image geometry", text)
+    assert M.RefNetSegmentRefineLogic().checkInputs(seg, ct) is ct
+
+
+# ------------------------------------------------------------------------------------------ dependencies
+
+
+def test_torch_missing_is_reported_and_installed_the_slicer_way(M, slicer, monkeypatch, tmp_path):
+    real_find_spec = M.importlib.util.find_spec
+    monkeypatch.setattr(M.importlib.util, "find_spec", lambda n: None if n == "torch" else real_find_spec(n))
+    requirements = tmp_path / "requirements.txt"
+    requirements.write_text("# comment\nnumpy>=1.0\nrefnet-not-installed-pkg>=1.0  # trailing\n")
+    logic = M.RefNetSegmentRefineLogic()
+    assert logic.missingDependencies(str(requirements)) == ["PyTorch", "refnet-not-installed-pkg>=1.0"]
+    ct, seg, _ = _scene(slicer, segments=SEGMENTS[:1])
+    with pytest.raises(RuntimeError, match="missing Python packages PyTorch"):
+        logic.refine(seg, ct)
+    assert "PyTorch is not installed" in logic.describeModel()
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # extension missing: import fails
+    with pytest.raises(RuntimeError, match="Install the 'PyTorch' extension"):
+        logic.installDependencies(str(requirements))
+
+    calls = []
+
+    class FakeTorchLogic:
+        def installTorch(self, **kwargs):
+            calls.append(kwargs)
+            return types.SimpleNamespace(__version__="2.3")
+
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=FakeTorchLogic))
+    logic.installDependencies(str(requirements))
+    assert calls == [{"askConfirmation": False, "torchVersionRequirement": ">=2.1"}]
+    assert slicer.util.pip_installed[-1] == "refnet-not-installed-pkg>=1.0"
+
+
+def test_shipped_requirements_are_met_in_ci(M):
+    assert M.readRequirements()  # the file parses and is not empty
+    assert M.missingRequirements(M.readRequirements()) == []
+
+
+def test_reference_volume_ignores_labelmaps(M, slicer):
+    ct, seg, _ = _scene(slicer, segments=SEGMENTS[:1])
+    assert M.RefNetSegmentRefineLogic.referenceVolume(seg) is ct
+    labelmap = slicer.util.addVolumeFromArray(np.zeros((2, 2, 2), np.uint8), nodeClassName="vtkMRMLLabelMapVolumeNode")
+    seg.SetNodeReferenceID(seg.GetReferenceImageGeometryReferenceRole(), labelmap.GetID())
+    assert M.RefNetSegmentRefineLogic.referenceVolume(seg) is None
+    assert M.RefNetSegmentRefineLogic.referenceVolume(None) is None
+
+
+# ------------------------------------------------------------------------------------------ training, self-test
+
+
+def test_train_is_a_thin_call_of_the_core(M, slicer, monkeypatch, tmp_path):
+    import refnet.train
+
+    calls = []
+
+    def fake_train(dataset_dir, prediction_dirs, output, *, config=None):
+        calls.append((dataset_dir, prediction_dirs, output, config))
+        return Path(output)
+
+    monkeypatch.setattr(refnet.train, "train_from_folders", fake_train)
+    out = M.RefNetSegmentRefineLogic().train("data", ("p1", "p2"), str(tmp_path / "m.pt"), epochs=2)
+    assert out == tmp_path / "m.pt"
+    (dataset, predictions, _, config), = calls
+    assert (dataset, predictions) == ("data", ["p1", "p2"])
+    assert isinstance(config, refnet.train.TrainConfig) and config.epochs == 2
+
+
+def test_self_test_runs_on_the_standin(M, slicer, monkeypatch, tmp_path):
+    """Smoke-runs the Slicer self-test's Python (phantom, Logic, checks) against the stand-in.
+
+    It does not prove the self-test passes in Slicer; it catches typos and API misuse the stand-in
+    models. A small phantom keeps it fast.
+    """
+    phantoms = pytest.importorskip("refnet.data.phantoms")
+    if not hasattr(phantoms, "make_phantom"):
+        pytest.skip("refnet.data.phantoms.make_phantom is not written yet")
+    small = phantoms.PhantomConfig.demo(fov_mm=(160.0, 140.0, 40.0))
+    monkeypatch.setattr(phantoms.PhantomConfig, "demo", classmethod(lambda cls, **kw: small))
+    monkeypatch.setattr(slicer.app, "temporaryPath", str(tmp_path), raising=False)
+    M.RefNetSegmentRefineTest().runTest()
+    assert (tmp_path / "RefNetSegmentRefineSelfTest.pt").is_file()
