@@ -2,7 +2,6 @@ import json
 
 import numpy as np
 import pytest
-
 from refnet.evaluate import dice_per_class, format_table, save_montage, summarise, write_metrics
 from refnet.labels import CLASS_NAMES
 

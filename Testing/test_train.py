@@ -3,11 +3,10 @@ import json
 import numpy as np
 import pytest
 import torch
-from scipy import ndimage
-
 from refnet.checkpoint import load_model
 from refnet.model import RefNetConfig
 from refnet.train import TrainConfig, TrainingPair, _gate, _Sampler, sample_batch, train_refnet
+from scipy import ndimage
 
 TINY = RefNetConfig(features=(4, 4, 8, 8, 16, 4))
 

@@ -59,7 +59,6 @@ def _cmd_train_segmenters(args: argparse.Namespace) -> int:
 def _train_config(args: argparse.Namespace):
     from dataclasses import replace
 
-    from .model import RefNetConfig
     from .pipeline import DemoConfig
     from .train import TrainConfig
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -9,6 +10,11 @@ import torch
 __all__ = ["resolve_device"]
 
 logger = logging.getLogger(__name__)
+
+
+@functools.cache
+def _note_cpu_fallback() -> None:
+    logger.info("no CUDA GPU available; running on CPU")  # once per process, not once per call
 
 
 def resolve_device(request: str | torch.device = "auto") -> torch.device:
@@ -28,7 +34,7 @@ def resolve_device(request: str | torch.device = "auto") -> torch.device:
     if text == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        logger.info("no CUDA GPU available; running on CPU")
+        _note_cpu_fallback()
         return torch.device("cpu")
     if text == "cpu":
         return torch.device("cpu")

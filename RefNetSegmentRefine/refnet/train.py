@@ -49,6 +49,7 @@ class TrainConfig:
     raw_weight: float = 1.0  # w of CE(P, S); paper: 1
     dice_weight: float = 1.0
     class_weight_power: float = 0.0  # CE class weights (1/frequency)^power; 0 = unweighted (paper)
+    error_fraction: float = 0.0  # share of crops centred on a voxel where raw and ground truth disagree
     val_cases: int = 2  # cases held out (all their pairs) for epoch choice and the per-class check
     min_class_gain: float = 0.0  # held-out Dice gain a class needs to be refined (else it keeps raw labels)
     ct_window: tuple[float, float] = (40.0, 400.0)  # (level, width) HU for CT-conditioned models
@@ -64,6 +65,8 @@ class TrainConfig:
             raise ValueError(f"crop_size must be a multiple of 16 (>= 16), got {self.crop_size}.")
         if self.val_cases < 0:
             raise ValueError(f"val_cases must be >= 0, got {self.val_cases}.")
+        if not 0.0 <= self.error_fraction <= 1.0:
+            raise ValueError(f"error_fraction must be in [0, 1], got {self.error_fraction}.")
 
 
 @dataclass(frozen=True)
@@ -98,11 +101,14 @@ class _Sampler:
     """Class-balanced crop centres: pick a pair, then a class present in it, then one of its voxels.
 
     Balancing by class (like MONAI's RandCropByLabelClasses) lets thin and small structures be seen
-    as often as the liver; written here because it has to draw from raw and target jointly.
+    as often as the liver; written here because it has to draw from raw and target jointly. With
+    ``error_fraction`` > 0 that share of centres is a voxel where raw and target disagree instead.
     """
 
-    def __init__(self, pairs: Sequence[TrainingPair]) -> None:
+    def __init__(self, pairs: Sequence[TrainingPair], error_fraction: float = 0.0) -> None:
         self.pairs = pairs
+        self.error_fraction = error_fraction
+        self.errors = [np.flatnonzero((p.raw != p.target).ravel()) if error_fraction else None for p in pairs]
         self.coords: list[dict[int, np.ndarray]] = []
         for p in pairs:
             per_class = {}
@@ -114,9 +120,12 @@ class _Sampler:
 
     def centre(self, rng: np.random.Generator) -> tuple[int, tuple[int, int, int]]:
         i = int(rng.integers(len(self.pairs)))
+        shape = self.pairs[i].raw.shape
+        errors = self.errors[i]
+        if errors is not None and errors.size and rng.random() < self.error_fraction:
+            return i, tuple(int(v) for v in np.unravel_index(errors[int(rng.integers(errors.size))], shape))
         per_class = self.coords[i]
         if not per_class:
-            shape = self.pairs[i].raw.shape
             return i, tuple(int(rng.integers(s)) for s in shape)
         c = list(per_class)[int(rng.integers(len(per_class)))]
         flat = per_class[c][int(rng.integers(per_class[c].size))]
@@ -239,7 +248,7 @@ def train_refnet(
     loss_fn = RefNetLoss(raw_weight=config.raw_weight, dice_weight=config.dice_weight,
                          class_weights=_class_weights(train_pairs, config.class_weight_power)).to(device)
     start, best = _resume(work, net, optimiser)
-    sampler = _Sampler(train_pairs)
+    sampler = _Sampler(train_pairs, config.error_fraction)
     meta = _metadata(config, pairs, train_pairs, val_pairs, provenance)
     for epoch in range(start, config.epochs):
         losses = _run_epoch(net, optimiser, loss_fn, sampler, config, epoch, device, progress)

@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+import torch
+from refnet.checkpoint import save_model
+from refnet.cli import main
+from refnet.io import load_volume, save_volume
+from refnet.model import RefNet, RefNetConfig
+
+from .conftest import make_model_file
+
+AFFINE = np.diag([-0.9, -0.9, 3.0, 1.0])
+
+
+@pytest.fixture
+def case(tmp_path):
+    lab = np.zeros((40, 36, 10), np.uint8)
+    lab[8:20, 6:30, 3:8] = 6
+    lab[22:30, 10:16, 2:6] = 12
+    ct = np.random.default_rng(0).normal(40, 20, lab.shape).astype(np.float32)
+    paths = {
+        "labels": save_volume(tmp_path / "seg.nii.gz", lab, AFFINE),
+        "ct": save_volume(tmp_path / "ct.nii.gz", ct, AFFINE),
+        "model": make_model_file(tmp_path / "m.pt"),
+    }
+    return tmp_path, paths, lab
+
+
+def _refine(paths, out, *extra):
+    return main(["refine", "-q", "--labels", str(paths["labels"]), "--model", str(paths["model"]),
+                 "--out", str(out), "--device", "cpu", *extra])
+
+
+def test_refine_writes_new_file_with_same_geometry(case):
+    tmp, paths, lab = case
+    assert _refine(paths, tmp / "out.nii.gz", "--ct", str(paths["ct"])) == 0
+    out = load_volume(tmp / "out.nii.gz")
+    assert out.array.shape == lab.shape and out.array.dtype == lab.dtype
+    np.testing.assert_allclose(out.affine, AFFINE, atol=1e-5)
+    np.testing.assert_array_equal(load_volume(paths["labels"]).array, lab)  # input untouched
+
+
+def test_refine_totalsegmentator_scheme_keeps_other_structures(case):
+    tmp, paths, lab = case
+    ts = np.where(lab == 6, 5, np.where(lab == 12, 9, 0)).astype(np.int16)  # liver, left adrenal
+    ts[0:4, 0:4, 0:4] = 27  # a vertebra RefNet does not know
+    save_volume(tmp / "ts.nii.gz", ts, AFFINE)
+    paths = {**paths, "labels": tmp / "ts.nii.gz"}
+    assert _refine(paths, tmp / "ts_out.nii.gz", "--label-scheme", "totalsegmentator") == 0
+    out = load_volume(tmp / "ts_out.nii.gz").array
+    assert (out[0:4, 0:4, 0:4] == 27).all()
+    assert set(np.unique(out)) <= {0, 5, 8, 9, 27, *range(1, 65)}
+
+
+def test_empty_label_map_refines_to_itself(case):
+    tmp, paths, _ = case
+    save_volume(tmp / "empty.nii.gz", np.zeros((8, 8, 4), np.uint8), AFFINE)
+    assert _refine({**paths, "labels": tmp / "empty.nii.gz"}, tmp / "e_out.nii.gz") == 0
+    assert not load_volume(tmp / "e_out.nii.gz").array.any()
+
+
+def _bad_inputs(tmp, paths):
+    save_volume(tmp / "big.nii.gz", np.full((8, 8, 4), 20, np.uint8), AFFINE)
+    save_volume(tmp / "flat.nii.gz", np.zeros((8, 8), np.uint8), np.eye(4))
+    save_volume(tmp / "fourd.nii.gz", np.zeros((8, 8, 4, 2), np.uint8), AFFINE)
+    save_volume(tmp / "ct_small.nii.gz", np.zeros((8, 8, 4), np.float32), AFFINE)
+    save_volume(tmp / "ct_moved.nii.gz", np.zeros((40, 36, 10), np.float32), AFFINE + np.eye(4) * 0.5)
+    net = RefNet(RefNetConfig(num_classes=5, features=(4, 4, 8, 8, 16, 4)))
+    save_model(tmp / "other.pt", net, metadata={"classes": ["a", "b", "c", "d", "e"]})
+    torch.save({"format": "something else"}, tmp / "foreign.pt")
+    return [
+        ({"labels": tmp / "missing.nii.gz"}, [], "no such file"),
+        ({"labels": tmp / "big.nii.gz"}, [], "outside the 13 RefNet classes"),
+        ({"labels": tmp / "flat.nii.gz"}, [], "expected a 3D volume, got 2D"),
+        ({"labels": tmp / "fourd.nii.gz"}, [], "expected a 3D volume, got 4D"),
+        ({}, ["--ct", str(tmp / "ct_small.nii.gz")], "different grids"),
+        ({}, ["--ct", str(tmp / "ct_moved.nii.gz")], "different grids"),
+        ({"model": tmp / "other.pt"}, [], "made for 5 classes"),
+        ({"model": tmp / "foreign.pt"}, [], "not a RefNet model file"),
+        ({"model": tmp / "nope.pt"}, [], "no such model file"),
+    ]
+
+
+def test_bad_input_gives_clear_error_and_exit_2(case, capsys):
+    tmp, paths, _ = case
+    for override, extra, message in _bad_inputs(tmp, paths):
+        out = tmp / "never.nii.gz"
+        assert _refine({**paths, **override}, out, *extra) == 2, message
+        err = capsys.readouterr().err
+        assert "refnet refine: error:" in err and message in err, (message, err)
+        assert "Traceback" not in err
+        assert not out.exists()
+
+
+def test_refuses_to_overwrite(case, capsys):
+    tmp, paths, lab = case
+    assert _refine(paths, paths["labels"]) == 2
+    assert "is one of the inputs" in capsys.readouterr().err
+    np.testing.assert_array_equal(load_volume(paths["labels"]).array, lab)
+    (tmp / "exists.nii.gz").write_bytes(b"keep me")
+    assert _refine(paths, tmp / "exists.nii.gz") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (tmp / "exists.nii.gz").read_bytes() == b"keep me"
+    assert _refine(paths, tmp / "exists.nii.gz", "--overwrite") == 0
+
+
+def test_unknown_scheme_is_an_argparse_error(case, capsys):
+    _, paths, _ = case
+    with pytest.raises(SystemExit) as exc:
+        _refine(paths, "x.nii.gz", "--label-scheme", "nnunet")
+    assert exc.value.code == 2
+    assert "unknown label scheme" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["phantoms", "train-segmenters", "train", "refine", "evaluate", "demo"])
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "--device" in capsys.readouterr().out
