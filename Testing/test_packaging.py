@@ -121,10 +121,12 @@ def _listed():
 
 
 def _module_files():
+    """Files of the module folder that belong in the source tree (build and install artefacts left out)."""
     skip = {"CMakeLists.txt"}
     for path in MODULE_DIR.rglob("*"):
         rel = path.relative_to(MODULE_DIR).as_posix()
-        if path.is_file() and "__pycache__" not in path.parts and not path.name.endswith(".pyc") and rel not in skip:
+        generated = "__pycache__" in path.parts or any(p.endswith(".egg-info") for p in path.parts)
+        if path.is_file() and not generated and not path.name.endswith(".pyc") and rel not in skip:
             if not any(part.startswith(".") for part in path.relative_to(MODULE_DIR).parts):
                 yield rel
 
