@@ -17,7 +17,7 @@ from .device import resolve_device
 from .labels import CLASS_NAMES, NUM_CLASSES
 from .model import RefNet, RefNetConfig
 
-__all__ = ["MODEL_FORMAT", "LoadedModel", "default_model_path", "load_model", "save_model"]
+__all__ = ["MODEL_FORMAT", "LoadedModel", "default_model_path", "load_model", "read_payload", "save_model"]
 
 MODEL_FORMAT = "refnet-model/1"
 _DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "refnet_phantom.pt"
@@ -80,6 +80,24 @@ def save_model(path: str | os.PathLike, net: RefNet, *, metadata: dict[str, Any]
     return path
 
 
+def read_payload(path: Path, fmt: str, *, what: str, title: str, hint: str) -> dict[str, Any]:
+    """Read a weights-only ``.pt`` dict and check its ``format`` tag; shared by model and segmenter files.
+
+    Raises:
+        FileNotFoundError: no file at ``path`` (the message ends with ``hint``).
+        ValueError: unreadable, or not a file of format ``fmt``.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such {what} file; {hint}.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for foreign or damaged files
+        raise ValueError(f"{path}: not a readable {title} file ({type(err).__name__}).") from err
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise ValueError(f"{path}: not a RefNet {what} file (expected format {fmt!r}).")
+    return payload
+
+
 def load_model(path: str | os.PathLike | None = None, *, device: str | torch.device = "cpu") -> LoadedModel:
     """Load a RefNet model file (the shipped default when ``path`` is None).
 
@@ -88,15 +106,8 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
         ValueError: not a RefNet model file, or a model made for other classes.
     """
     path = Path(path) if path is not None else default_model_path()
-    if not path.is_file():
-        hint = "run `refnet demo` or `refnet train` to make one" if path == _DEFAULT_MODEL else "check the path"
-        raise FileNotFoundError(f"{path}: no such model file; {hint}.")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for foreign or damaged files
-        raise ValueError(f"{path}: not a readable RefNet model file ({type(err).__name__}).") from err
-    if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path}: not a RefNet model file (expected format {MODEL_FORMAT!r}).")
+    hint = "run `refnet demo` or `refnet train` to make one" if path == _DEFAULT_MODEL else "check the path"
+    payload = read_payload(path, MODEL_FORMAT, what="model", title="RefNet model", hint=hint)
     metadata = dict(payload.get("metadata", {}))
     classes = list(metadata.get("classes", []))
     if classes != list(CLASS_NAMES):

@@ -372,16 +372,10 @@ def load_segmenter(path: str | os.PathLike, *,
         FileNotFoundError: no file at ``path``.
         ValueError: not a RefNet segmenter file, or one made for another number of classes.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such segmenter file; check the path "
-                                "or run `refnet train-segmenters`.")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for foreign or damaged files
-        raise ValueError(f"{path}: not a readable segmenter file ({type(err).__name__}: {err}).") from err
-    if not isinstance(payload, dict) or payload.get("format") != SEGMENTER_FORMAT:
-        raise ValueError(f"{path}: not a RefNet segmenter file (expected format {SEGMENTER_FORMAT!r}).")
+    from .checkpoint import read_payload
+
+    payload = read_payload(Path(path), SEGMENTER_FORMAT, what="segmenter", title="segmenter",
+                           hint="check the path or run `refnet train-segmenters`")
     if payload.get("num_classes") != NUM_CLASSES:
         raise ValueError(f"{path}: segmenter predicts {payload.get('num_classes')} classes, "
                          f"RefNet uses {NUM_CLASSES}; retrain it with this version of refnet.")
