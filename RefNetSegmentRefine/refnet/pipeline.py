@@ -46,7 +46,7 @@ def _demo_train() -> TrainConfig:
     return TrainConfig(
         model=RefNetConfig(embed_dim=8, context=1, features=(8, 16, 32, 64, 128, 8)),
         optimizer="rmsprop", lr=3e-3, epochs=16, steps_per_epoch=60, batch_size=16, crop_size=96,
-        raw_weight=0.0, val_cases=2, seed=0,
+        raw_weight=0.0, val_cases=3, seed=0,
     )
 
 
