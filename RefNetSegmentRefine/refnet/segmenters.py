@@ -124,10 +124,11 @@ class SegmenterConfig:
     def demo(cls, architecture: str = "unet", seed: int = 0, **changes: Any) -> SegmenterConfig:
         """The preset of an architecture for the demo phantoms (~150 x 125 x 40 voxels, 12 train cases).
 
-        Measured on 2 CPU cores (mean Dice over the 13 classes on 6 held-out phantoms):
-        ``unet``: width 16, 64 x 64 x 32 patches, lr 1e-2, 600 steps: ~110 s, Dice ~0.82
-        (400 steps: 0.70). ``segresnet``: width 8, lr 3e-3, 300 steps: Dice ~0.58, about 3x slower
-        per step than the UNet. ``swinunetr``: a GPU preset, not tuned (no GPU was at hand).
+        Measured on 2 idle CPU cores (mean Dice over the 13 classes on 6 held-out phantoms):
+        ``unet`` (width 16, 64 x 64 x 32 patches, lr 1e-2, 600 steps): 5.7 steps/s, ~105 s, Dice
+        0.82-0.83 (400 steps: 0.70, 900 steps: 0.86), 0.6 s per case to predict. ``segresnet``
+        (width 8, lr 3e-3, 300 steps): 1.1 steps/s, ~265 s, Dice 0.58, 1.7 s per case.
+        ``swinunetr``: a GPU preset, untuned.
 
         Args:
             architecture: one of :data:`SEGMENTER_ARCHITECTURES`.
