@@ -125,9 +125,9 @@ class SegmenterConfig:
         """The preset of an architecture for the demo phantoms (~150 x 125 x 40 voxels, 12 train cases).
 
         Measured on 2 idle CPU cores (mean Dice over the 13 classes on 6 held-out phantoms):
-        ``unet`` (width 16, 64 x 64 x 32 patches, lr 1e-2, 600 steps): 5.7 steps/s, ~105 s, Dice
-        0.82-0.83 (400 steps: 0.70, 900 steps: 0.86), 0.6 s per case to predict. ``segresnet``
-        (width 8, lr 3e-3, 300 steps): 1.1 steps/s, ~265 s, Dice 0.58, 1.7 s per case.
+        ``unet`` (width 16, 64 x 64 x 32 patches, lr 1e-2, 600 steps): 6.5 steps/s, ~90 s, Dice
+        0.82-0.83 (400 steps: 0.70, 900 steps: 0.86), 0.5 s per case to predict. ``segresnet``
+        (width 8, lr 3e-3, 300 steps): 1.3 steps/s, ~230 s, Dice 0.63, 1.8 s per case.
         ``swinunetr``: a GPU preset, untuned.
 
         Args:
@@ -171,7 +171,7 @@ def build_segmenter(config: SegmenterConfig) -> nn.Module:
     about 5x faster per step than the SegResNet on CPU).
     ``segresnet``: MONAI SegResNetDS (the Auto3DSeg SegResNet), ``init_filters=f``, blocks (1, 2, 2, 4),
     instance norm, transposed-conv upsampling. (The older ``SegResNet`` barely learned in a few
-    hundred steps: mean Dice 0.14 after 300 steps where SegResNetDS reached 0.58 on the phantoms.)
+    hundred steps: mean Dice 0.14 after 300 steps where SegResNetDS reached 0.63 on the phantoms.)
     ``swinunetr``: MONAI SwinUNETR, ``feature_size=f`` (needs einops; meant for a GPU).
     """
     from monai.networks.nets import SegResNetDS, SwinUNETR, UNet
