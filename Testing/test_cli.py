@@ -117,3 +117,16 @@ def test_every_subcommand_has_help(command, capsys):
         main([command, "--help"])
     assert exc.value.code == 0
     assert "--device" in capsys.readouterr().out
+
+
+def test_train_segmenters_hold_out_passes_the_last_training_ids(tmp_path, monkeypatch):
+    import refnet.pipeline
+    from refnet.data.phantoms import PhantomConfig, write_phantom_dataset
+
+    data = write_phantom_dataset(tmp_path / "data", [5, 6, 7, 9, 1], seed=0,
+                                 config=PhantomConfig.demo(inplane_spacing_mm=(6.0, 6.0), slice_spacing_mm=(9.0, 9.0)))
+    calls = []
+    monkeypatch.setattr(refnet.pipeline, "train_segmenters", lambda *a, **kw: calls.append(kw["holdout"]) or [])
+    assert main(["train-segmenters", "-q", "--data", str(data), "--out", str(tmp_path / "o"), "--hold-out", "2"]) == 0
+    assert main(["train-segmenters", "-q", "--data", str(data), "--out", str(tmp_path / "o")]) == 0
+    assert calls == [[7, 9], []]

@@ -1,10 +1,12 @@
 import json
 
+import pytest
+import refnet.segmenters
 from refnet.checkpoint import load_model
 from refnet.data.phantoms import PhantomConfig
 from refnet.labels import CLASS_NAMES
 from refnet.model import RefNetConfig
-from refnet.pipeline import DemoConfig, report, run_demo
+from refnet.pipeline import DemoConfig, report, run_demo, train_segmenters
 from refnet.segmenters import SegmenterConfig
 from refnet.train import TrainConfig
 
@@ -37,3 +39,21 @@ def test_demo_end_to_end_on_tiny_phantoms(tmp_path):
     again = run_demo(tmp_path, _tiny_demo())
     assert (tmp_path / "predictions" / "unet-s0-2" / "label0005.nii.gz").stat().st_mtime_ns == stamp
     assert again["refined"]["mean_dice"] == metrics["refined"]["mean_dice"]
+
+
+def test_base_models_leave_the_per_class_check_cases_out(tmp_path, monkeypatch):
+    seen = []
+    real = refnet.segmenters.train_segmenter
+
+    def spy(cases, config, **kw):
+        seen.append(len(cases))
+        return real(cases, config, **kw)
+
+    monkeypatch.setattr(refnet.segmenters, "train_segmenter", spy)
+    cfg = _tiny_demo()
+    run_demo(tmp_path, cfg)
+    assert seen == [cfg.train_cases - cfg.train.val_cases] * 2  # each base model: 3 cases minus the 1 held out
+    # The held-out case is still predicted (RefNet's check scores those predictions).
+    assert (tmp_path / "predictions" / "unet-s0-2" / "label0007.nii.gz").exists()
+    with pytest.raises(ValueError, match="no training case left"):
+        train_segmenters(tmp_path / "data", tmp_path / "again", cfg.segmenters[:1], holdout=[5, 6, 7])

@@ -5,7 +5,7 @@ import pytest
 import torch
 from refnet.checkpoint import load_model
 from refnet.model import RefNetConfig
-from refnet.train import TrainConfig, TrainingPair, _gate, _Sampler, sample_batch, train_refnet
+from refnet.train import TrainConfig, TrainingPair, _gate, _Sampler, sample_batch, train_refnet, validation_cases
 from scipy import ndimage
 
 TINY = RefNetConfig(features=(4, 4, 8, 8, 16, 4))
@@ -100,3 +100,14 @@ def test_pair_and_split_errors(tmp_path):
     with pytest.raises(ValueError, match="takes the CT"):
         train_refnet([_pair(0), _pair(1)], _config(model=RefNetConfig(features=TINY.features, ct_channels=1)),
                      work_dir=tmp_path)
+
+
+def test_validation_cases_are_the_last_ids_and_match_the_training_split(tmp_path):
+    assert validation_cases([9, 5, 7, 6, 5], 2) == [7, 9]
+    assert validation_cases([1, 2], 0) == []
+    with pytest.raises(ValueError, match="leaves no training case"):
+        validation_cases([1, 2], 2)
+    with pytest.raises(ValueError, match=">= 0"):
+        validation_cases([1, 2], -1)
+    model = train_refnet([_pair(i) for i in (4, 1, 3)], _config(val_cases=1), work_dir=tmp_path)
+    assert model.metadata["training"]["val_cases"] == validation_cases([4, 1, 3], 1) == [4]

@@ -50,7 +50,14 @@ def _cmd_train_segmenters(args: argparse.Namespace) -> int:
         from dataclasses import replace
 
         configs = [replace(c, steps=args.steps, name=None) for c in configs]
-    folders = train_segmenters(args.data, args.out, configs, device=args.device, progress=args.progress)
+    holdout = []
+    if args.hold_out:
+        from .data.btcv import find_cases, split_cases
+        from .train import validation_cases
+
+        holdout = validation_cases([c.case_id for c in split_cases(find_cases(args.data), "train")], args.hold_out)
+    folders = train_segmenters(args.data, args.out, configs, holdout=holdout, device=args.device,
+                               progress=args.progress)
     for f in folders:
         print(f)
     return 0
@@ -164,6 +171,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--architectures", nargs="+", default=["unet", "segresnet"],
                    choices=("unet", "segresnet", "swinunetr"), help="one model per entry (default: unet segresnet)")
     s.add_argument("--steps", type=_positive_int, help="training steps per model (default: demo preset)")
+    s.add_argument("--hold-out", type=int, default=0, metavar="N",
+                   help="leave the last N training cases out of base-model training (still predicted); pass "
+                        "the same N to `refnet train --val-cases` so its per-class check sees unseen cases")
     s.set_defaults(func=_cmd_train_segmenters)
 
     s = sub.add_parser("train", parents=[common], help="train RefNet on K folders of predictions (Algorithm 1)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from .geometry import to_canonical
 from .labels import CLASS_NAMES
 from .model import RefNetConfig
 from .refine import refine_labels
-from .train import TrainConfig, train_refnet
+from .train import TrainConfig, train_refnet, validation_cases
 
 __all__ = ["DemoConfig", "evaluate_refinement", "report", "run_demo", "train_segmenters"]
 
@@ -35,8 +35,8 @@ def _demo_segmenters() -> tuple[Any, ...]:
 
     # K = 2 UNets differing in seed and training length (Algorithm 1 asks for K models); on 2 CPU cores
     # a SegResNet does not converge in the demo's time budget (see the segmenters benchmark notes).
-    return (SegmenterConfig.demo("unet", seed=0, steps=1000, lr=3e-3),
-            SegmenterConfig.demo("unet", seed=1, steps=600, lr=3e-3))
+    return (SegmenterConfig.demo("unet", seed=0),
+            SegmenterConfig.demo("unet", seed=1, steps=400))
 
 
 def _demo_train() -> TrainConfig:
@@ -54,7 +54,9 @@ def _demo_train() -> TrainConfig:
 class DemoConfig:
     """The demo preset: sized to finish in about 15 minutes on 2 CPU cores."""
 
-    train_cases: int = 10  # phantom cases for base models and RefNet (BTCV training ids)
+    # Phantom cases with BTCV training ids: the last ``train.val_cases`` are held out from base models and
+    # RefNet alike and score the per-class check; the others train both.
+    train_cases: int = 13
     test_cases: int = 6  # held-out phantom cases scored in metrics.json (BTCV test ids)
     seed: int = 0
     phantoms: Any = None  # PhantomConfig of the generated cases; None = PhantomConfig.demo()
@@ -68,13 +70,16 @@ def train_segmenters(
     out_dir: str | os.PathLike,
     configs: Sequence[Any],
     *,
+    holdout: Collection[int] = (),
     device: str = "auto",
     progress: bool = False,
 ) -> list[Path]:
     """Algorithm 1, step 1: train each base model on the training split and predict every case.
 
-    Writes ``out_dir/segmenters/<name>.pt`` and ``out_dir/predictions/<name>/labelXXXX.nii.gz``; a
-    model whose prediction folder is complete is skipped on re-run.
+    ``holdout`` lists training-split case ids the models do not train on (they are still predicted),
+    e.g. the cases RefNet's per-class check will score. Writes ``out_dir/segmenters/<name>.pt`` and
+    ``out_dir/predictions/<name>/labelXXXX.nii.gz``; a model whose prediction folder is complete is
+    skipped on re-run.
 
     Returns:
         The prediction folders, in the order of ``configs``.
@@ -83,7 +88,9 @@ def train_segmenters(
     from .segmenters import predict_segmenter, save_predictions, save_segmenter, train_segmenter
 
     cases = find_cases(dataset_dir)
-    train = split_cases(cases, "train")
+    train = [c for c in split_cases(cases, "train") if c.case_id not in set(holdout)]
+    if not train:
+        raise ValueError(f"{dataset_dir}: no training case left after holding out {sorted(holdout)}.")
     folders = []
     for config in configs:
         folder = Path(out_dir) / "predictions" / config.name
@@ -175,7 +182,9 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *, pr
     if not (data / "dataset.json").exists():
         write_phantom_dataset(data, ids, config=config.phantoms or PhantomConfig.demo(), seed=config.seed)
     timings = {"phantoms_s": time.perf_counter() - t0}
-    folders = train_segmenters(data, out, config.segmenters, device=config.device, progress=progress)
+    holdout = validation_cases(ids[: config.train_cases], config.train.val_cases)
+    folders = train_segmenters(data, out, config.segmenters, holdout=holdout, device=config.device,
+                               progress=progress)
     timings["segmenters_s"] = time.perf_counter() - t0 - sum(timings.values())
     pairs = load_training_pairs(data, folders, with_ct=config.train.model.ct_channels > 0)
     model = train_refnet(pairs, config.train, work_dir=out / "refnet_work", output=out / "refnet.pt",

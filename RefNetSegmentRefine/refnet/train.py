@@ -12,7 +12,7 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,8 @@ from .losses import RefNetLoss
 from .model import RefNet, RefNetConfig
 from .refine import RefineConfig, label_slab, refine_labels, window_ct
 
-__all__ = ["TrainConfig", "TrainingPair", "sample_batch", "train_from_folders", "train_refnet", "validate"]
+__all__ = ["TrainConfig", "TrainingPair", "sample_batch", "train_from_folders", "train_refnet", "validate",
+           "validation_cases"]
 
 logger = logging.getLogger(__name__)
 
@@ -196,11 +197,22 @@ def _class_weights(pairs: Sequence[TrainingPair], power: float) -> list[float] |
     return (weights / weights.mean()).tolist()
 
 
-def _split(pairs: Sequence[TrainingPair], val_cases: int) -> tuple[list[TrainingPair], list[TrainingPair]]:
-    ids = sorted({p.case_id for p in pairs})
+def validation_cases(case_ids: Collection[int], val_cases: int) -> list[int]:
+    """The case ids :func:`train_refnet` holds out for epoch choice and the per-class check: the last ones.
+
+    Known before training, so the base models can be trained without these cases too; the check then
+    sees base-model errors of the kind RefNet meets on new images, not those on the models' own training data.
+    """
+    ids = sorted(set(case_ids))
+    if val_cases < 0:
+        raise ValueError(f"the number of held-out cases must be >= 0, got {val_cases}.")
     if val_cases >= len(ids):
         raise ValueError(f"val_cases={val_cases} leaves no training case out of {len(ids)}; lower it.")
-    held = set(ids[len(ids) - val_cases :]) if val_cases else set()
+    return ids[len(ids) - val_cases :] if val_cases else []
+
+
+def _split(pairs: Sequence[TrainingPair], val_cases: int) -> tuple[list[TrainingPair], list[TrainingPair]]:
+    held = set(validation_cases({p.case_id for p in pairs}, val_cases))
     return [p for p in pairs if p.case_id not in held], [p for p in pairs if p.case_id in held]
 
 
