@@ -52,7 +52,7 @@ def _demo_train() -> TrainConfig:
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """The demo preset: sized to finish in about 15 minutes on 2 CPU cores."""
+    """The demo preset: about 10 minutes on 2 CPU cores (the bound is 15)."""
 
     # Phantom cases with BTCV training ids: the last ``train.val_cases`` are held out from base models and
     # RefNet alike and score the per-class check; the others train both.

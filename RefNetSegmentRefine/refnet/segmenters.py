@@ -122,7 +122,7 @@ class SegmenterConfig:
 
     @classmethod
     def demo(cls, architecture: str = "unet", seed: int = 0, **changes: Any) -> SegmenterConfig:
-        """The preset of an architecture for the demo phantoms (~150 x 125 x 40 voxels, 12 train cases).
+        """The preset of an architecture for the demo phantoms (~150 x 125 x 40 voxels, 10-12 train cases).
 
         Measured on 2 idle CPU cores (mean Dice over the 13 classes on 6 held-out phantoms):
         ``unet`` (width 16, 64 x 64 x 32 patches, lr 1e-2, 600 steps): 6.5 steps/s, ~90 s, Dice
