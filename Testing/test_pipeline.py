@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import refnet.segmenters
@@ -39,6 +40,9 @@ def test_demo_end_to_end_on_tiny_phantoms(tmp_path):
     again = run_demo(tmp_path, _tiny_demo())
     assert (tmp_path / "predictions" / "unet-s0-2" / "label0005.nii.gz").stat().st_mtime_ns == stamp
     assert again["refined"]["mean_dice"] == metrics["refined"]["mean_dice"]
+    # Resuming with other phantoms would mix two datasets: refused before anything is written.
+    with pytest.raises(ValueError, match="another seed or phantom preset"):
+        run_demo(tmp_path, replace(_tiny_demo(), seed=1))
 
 
 def test_base_models_leave_the_per_class_check_cases_out(tmp_path, monkeypatch):

@@ -138,7 +138,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     from .pipeline import DemoConfig, report, run_demo
 
-    config = replace(DemoConfig(), device=args.device)
+    config = replace(DemoConfig(), device=args.device, seed=args.seed)
     metrics = run_demo(args.out, config, progress=args.progress)
     print(report(metrics))
     print(f"\nwrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'montage.png'}")
@@ -212,6 +212,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("demo", parents=[common], help="Algorithm 1 end to end on generated phantoms")
     s.add_argument("--out", default="demo_out", help="output folder (default demo_out); re-run to resume")
+    s.add_argument("--seed", type=int, default=0,
+                   help="seed of the generated phantoms (default 0); the models' seeds stay fixed")
     s.set_defaults(func=_cmd_demo)
     return p
 

@@ -7,6 +7,7 @@ held-out test cases against the primary base model's raw output.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -179,8 +180,11 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *, pr
     t0 = time.perf_counter()
     data = out / "data"
     ids = list(BTCV_TRAIN_IDS[: config.train_cases]) + list(BTCV_TEST_IDS[: config.test_cases])
-    if not (data / "dataset.json").exists():
-        write_phantom_dataset(data, ids, config=config.phantoms or PhantomConfig.demo(), seed=config.seed)
+    phantoms = config.phantoms or PhantomConfig.demo()
+    if (data / "dataset.json").exists():
+        _check_resumed_data(data, config.seed, phantoms)
+    else:
+        write_phantom_dataset(data, ids, config=phantoms, seed=config.seed)
     timings = {"phantoms_s": time.perf_counter() - t0}
     holdout = validation_cases(ids[: config.train_cases], config.train.val_cases)
     folders = train_segmenters(data, out, config.segmenters, holdout=holdout, device=config.device,
@@ -199,6 +203,17 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *, pr
     write_metrics(out / "metrics.json", metrics)
     logger.info("demo finished in %.0f s", time.perf_counter() - t0)
     return metrics
+
+
+def _check_resumed_data(data: Path, seed: int, phantoms: Any) -> None:
+    """Refuse to resume a demo folder whose phantoms were generated with another seed or config."""
+    from dataclasses import asdict
+
+    meta = json.loads((data / "dataset.json").read_text())
+    wanted = json.loads(json.dumps({"seed": seed, "config": asdict(phantoms)}))
+    if {k: meta.get(k) for k in wanted} != wanted:
+        raise ValueError(f"{data.parent} holds a demo generated with another seed or phantom preset "
+                         f"(seed {meta.get('seed')}); pass a new --out folder, or the same --seed to resume it.")
 
 
 def report(metrics: dict) -> str:
