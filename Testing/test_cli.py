@@ -130,3 +130,11 @@ def test_train_segmenters_hold_out_passes_the_last_training_ids(tmp_path, monkey
     assert main(["train-segmenters", "-q", "--data", str(data), "--out", str(tmp_path / "o"), "--hold-out", "2"]) == 0
     assert main(["train-segmenters", "-q", "--data", str(data), "--out", str(tmp_path / "o")]) == 0
     assert calls == [[7, 9], []]
+
+
+def test_phantoms_defaults_match_the_demo():
+    from refnet.cli import _parser
+    from refnet.pipeline import DemoConfig
+
+    args = _parser().parse_args(["phantoms", "--out", "x"])
+    assert (args.train, args.test) == (DemoConfig().train_cases, DemoConfig().test_cases)

@@ -159,8 +159,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("phantoms", parents=[common], help="generate synthetic abdominal CT phantoms (BTCV layout)")
     s.add_argument("--out", required=True, help="output dataset folder")
-    s.add_argument("--train", type=_positive_int, default=10, help="training cases (default 10)")
-    s.add_argument("--test", type=_positive_int, default=6, help="test cases (default 6)")
+    s.add_argument("--train", type=_positive_int, default=13, help="training cases (default 13, as the demo)")
+    s.add_argument("--test", type=_positive_int, default=6, help="test cases (default 6, as the demo)")
     s.add_argument("--preset", choices=("demo", "full"), default="demo", help="demo: coarse grid for CPU")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_phantoms)
