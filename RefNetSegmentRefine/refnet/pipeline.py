@@ -89,9 +89,10 @@ def train_segmenters(
     from .segmenters import predict_segmenter, save_predictions, save_segmenter, train_segmenter
 
     cases = find_cases(dataset_dir)
-    train = [c for c in split_cases(cases, "train") if c.case_id not in set(holdout)]
+    held = set(holdout)
+    train = [c for c in split_cases(cases, "train") if c.case_id not in held]
     if not train:
-        raise ValueError(f"{dataset_dir}: no training case left after holding out {sorted(holdout)}.")
+        raise ValueError(f"{dataset_dir}: no training case left after holding out {sorted(held)}.")
     folders = []
     for config in configs:
         folder = Path(out_dir) / "predictions" / config.name
