@@ -14,11 +14,15 @@ torch.set_num_threads(1)
 
 
 def make_model_file(path, *, perturb: bool = True, ct_channels: int = 0, metadata=None):
-    """A tiny RefNet saved to ``path``; ``perturb`` makes it change labels (an untrained one is identity)."""
+    """A tiny RefNet saved to ``path``; ``perturb`` makes it grow the liver (an untrained one is identity)."""
     torch.manual_seed(0)
     net = RefNet(RefNetConfig(features=TINY_FEATURES, ct_channels=ct_channels))
     if perturb:
+        # A net that grows the liver (class 6) into its surroundings, plus a little noise: guards then
+        # have real work (growth beyond the band, islands far from the liver) and results stay deterministic.
         torch.nn.init.normal_(net.unet.final_conv.weight, std=2.0)
+        with torch.no_grad():
+            net.unet.final_conv.bias[6] = 5.0
     save_model(path, net, metadata=metadata)
     return path
 

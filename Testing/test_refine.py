@@ -3,7 +3,8 @@ import pytest
 import torch
 from nibabel import orientations as o
 from refnet.checkpoint import load_model
-from refnet.geometry import to_canonical
+from refnet.geometry import canonical_affine, to_canonical
+from refnet.guards import GuardConfig
 from refnet.refine import (
     RefineConfig,
     RefinementCancelled,
@@ -27,11 +28,11 @@ def _labels(shape=(40, 36, 12)):
 
 
 def _full_net_reference(model, labels):
-    """The same refinement by brute force: every slice of the whole canonical volume through the net."""
+    """The same refinement by brute force: every whole slice (background-padded) through the net."""
     k = labels.shape[2]
-    slab = label_slab(labels.astype(np.int64), list(range(k)), model.config.context)
-    pad = [(0, 0), (0, 0), (0, (-labels.shape[0]) % 16), (0, (-labels.shape[1]) % 16)]
-    pred = logits_to_labels(predict_logits(model, np.pad(slab, pad, mode="edge")))
+    slab = label_slab(labels.astype(np.int64), list(range(k)), [-1, 0, 1])
+    pad = [(0, 0), (0, 0)] + [(0, max(32, n + (-n) % 16) - n) for n in labels.shape[:2]]
+    pred = logits_to_labels(predict_logits(model, np.pad(slab, pad)))
     return np.moveaxis(pred[:, : labels.shape[0], : labels.shape[1]], 0, 2)
 
 
@@ -41,13 +42,14 @@ def test_identity_model_returns_input(identity_model):
     np.testing.assert_array_equal(out, lab)
 
 
-def test_refine_matches_reference_inside_box_and_copies_outside(tiny_model):
+def test_unguarded_refinement_is_the_net_inside_the_box_and_copies_outside(tiny_model):
     lab = _labels()
-    out = refine_labels(lab, np.eye(4), tiny_model, config=RefineConfig(margin=2, slice_margin=1, batch_size=3))
+    config = RefineConfig(margin_mm=2, guards=GuardConfig.off())
+    out = refine_labels(lab, np.eye(4), tiny_model, config=config)
     assert out.shape == lab.shape and out.dtype == lab.dtype
     assert not np.array_equal(out, lab)  # the perturbed net does change things
-    box = (slice(6, 36), slice(4, 32), slice(1, 11))  # label extent plus the margins, by hand
-    np.testing.assert_array_equal(out[box], _full_net_reference(tiny_model, lab[box]))
+    box = (slice(6, 36), slice(4, 32), slice(0, 12))  # label extent plus 2 mm, by hand
+    np.testing.assert_array_equal(out[box], _full_net_reference(tiny_model, lab)[box])
     outside = np.ones(lab.shape, bool)
     outside[box] = False
     np.testing.assert_array_equal(out[outside], lab[outside])
@@ -74,7 +76,7 @@ def test_orientation_is_handled(tiny_model, affine):
     stored = o.apply_orientation(canon, to_file)
     assert to_canonical(stored, affine)[0].shape == canon.shape
     out = refine_labels(stored, affine, tiny_model)
-    expected = refine_labels(canon, np.eye(4), tiny_model)
+    expected = refine_labels(canon, canonical_affine(affine, stored.shape), tiny_model)  # same spacing, RAS
     np.testing.assert_array_equal(to_canonical(out, affine)[0], expected)
 
 
@@ -151,5 +153,5 @@ def test_refine_config_ill_opts():
 def test_tiny_in_plane_volume(tiny_model):
     lab = np.zeros((6, 5, 3), np.uint8)
     lab[2:4, 1:4, 1] = 6
-    out = refine_labels(lab, np.eye(4), tiny_model, config=RefineConfig(margin=0))
+    out = refine_labels(lab, np.eye(4), tiny_model, config=RefineConfig(margin_mm=0))
     assert out.shape == lab.shape

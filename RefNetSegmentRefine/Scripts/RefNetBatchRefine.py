@@ -3,7 +3,7 @@
 Usage::
 
     Slicer --no-main-window --python-script RefNetBatchRefine.py -- --input DIR --output DIR
-        [--model FILE] [--ct DIR] [--device auto|cpu|cuda] [--label-scheme refnet|btcv|totalsegmentator]
+        [--model FILE] [--ct DIR] [--device auto|cpu|cuda] [--label-scheme refnet|btcv|totalsegmentator|flare22|word]
 
 Each label map (and, for models that take the CT, its CT) is read with Slicer's readers, refined with
 ``RefNetSegmentRefineLogic.refineArrays`` (the same array path as plain Python's

@@ -17,9 +17,11 @@ from .device import resolve_device
 from .labels import CLASS_NAMES, NUM_CLASSES
 from .model import RefNet, RefNetConfig
 
-__all__ = ["MODEL_FORMAT", "LoadedModel", "default_model_path", "load_model", "read_payload", "save_model"]
+__all__ = ["GUARD_DEFAULTS", "MODEL_FORMAT", "LoadedModel", "default_model_path", "load_model", "read_payload",
+           "save_model"]
 
 MODEL_FORMAT = "refnet-model/1"
+GUARD_DEFAULTS = {"band_mm": 6.0, "threshold": 0.5}  # for model files that do not record their own
 _DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "refnet_phantom.pt"
 
 
@@ -57,6 +59,31 @@ class LoadedModel:
     def refine_classes(self) -> tuple[int, ...]:
         """Classes this model is allowed to change (all by default)."""
         return tuple(int(c) for c in self.metadata.get("refine_classes", range(NUM_CLASSES)))
+
+    @property
+    def inplane_mm(self) -> float | None:
+        """In-plane spacing (mm) the model was trained at; None for files that predate it (native grid)."""
+        value = (self.metadata.get("spacing") or {}).get("inplane_mm")
+        return None if value is None else float(value)
+
+    @property
+    def slice_range_mm(self) -> tuple[float, float] | None:
+        """(min, max) slice spacing in mm of the training data, or None if unknown."""
+        value = (self.metadata.get("spacing") or {}).get("slice_mm")
+        return None if value is None else (float(value[0]), float(value[1]))
+
+    @property
+    def context_mm(self) -> float | None:
+        """Physical distance of the context slices; None: adjacent slices."""
+        value = (self.metadata.get("spacing") or {}).get("context_mm")
+        return None if value is None else float(value)
+
+    def guard_setting(self, name: str, guards: Any = None) -> float:
+        """``band_mm`` or ``threshold``: the caller's override, else the model file's, else the default."""
+        override = getattr(guards, name, None) if guards is not None else None
+        if override is not None:
+            return float(override)
+        return float((self.metadata.get("guards") or {}).get(name, GUARD_DEFAULTS[name]))
 
 
 def save_model(path: str | os.PathLike, net: RefNet, *, metadata: dict[str, Any] | None = None) -> Path:
@@ -115,7 +142,7 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
             f"{path}: model was made for {len(classes)} classes {classes[:4]}..., but this RefNet uses "
             f"the {NUM_CLASSES} classes {list(CLASS_NAMES[:4])}...; use a model trained for these classes."
         )
-    config = RefNetConfig(**payload["config"])
+    config = RefNetConfig(**{"norm": "instance", **payload["config"]})  # files without "norm" predate batch norm
     net = RefNet(config)
     net.load_state_dict(payload["state_dict"])
     dev = resolve_device(device)

@@ -196,7 +196,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="RefNet model file (default: the shipped phantom model)")
     s.add_argument("--out", required=True, help="new file for the refined label map")
     s.add_argument("--label-scheme", type=_scheme, default="refnet",
-                   help="label values of --labels: refnet, btcv or totalsegmentator (default refnet)")
+                   help="label values of --labels: refnet, btcv, totalsegmentator, flare22 or word (default refnet)")
     s.add_argument("--batch-size", type=_positive_int, default=8, help="slices per forward pass")
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.set_defaults(func=_cmd_refine)

@@ -1,8 +1,13 @@
 """Scoring raw vs refined segmentations: per-class Dice, the paper's means, a table, JSON and a montage.
 
 ``mean_dice`` averages all 13 classes including background, the convention of the paper's Table 2;
-``mean_organ_dice`` averages the 12 organs only. A class absent from a case's ground truth is left
-out of that case's average (MONAI's ``ignore_empty``) rather than counted as 0 or 1.
+``mean_organ_dice`` averages the 12 organs only. A class absent from a case's ground truth scores 0
+when the prediction has it (a false positive is harm, nnU-Net's convention) and is left out of that
+case's average (NaN) when the prediction lacks it too.
+
+Dice cannot see a false positive of a class that is absent from the ground truth beyond that 0, nor
+how large it is; :func:`false_positive_ml` measures, per class, the volume in mL predicted as the class
+where the ground truth is another class.
 """
 
 from __future__ import annotations
@@ -20,7 +25,14 @@ from monai.metrics import compute_dice
 
 from .labels import CLASS_NAMES, CLASSES, NUM_CLASSES
 
-__all__ = ["dice_per_class", "format_table", "save_montage", "summarise", "write_metrics"]
+__all__ = [
+    "dice_per_class",
+    "false_positive_ml",
+    "format_table",
+    "save_montage",
+    "summarise",
+    "write_metrics",
+]
 
 
 def dice_per_class(pred: np.ndarray, target: np.ndarray, *, num_classes: int = NUM_CLASSES) -> np.ndarray:
@@ -31,36 +43,115 @@ def dice_per_class(pred: np.ndarray, target: np.ndarray, *, num_classes: int = N
         num_classes: classes scored, 0..num_classes-1.
 
     Returns:
-        (num_classes,) float64; NaN where ``target`` lacks the class.
+        (num_classes,) float64; 0.0 where ``target`` lacks the class but ``pred`` has it (nnU-Net's
+        convention: a false positive of an absent structure is an error), NaN where both lack it.
+
+    Raises:
+        ValueError: ``pred`` and ``target`` differ in shape.
     """
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from ground-truth shape {target.shape}.")
-    p = torch.as_tensor(np.ascontiguousarray(pred).astype(np.int64))[None, None]
-    t = torch.as_tensor(np.ascontiguousarray(target).astype(np.int64))[None, None]
+    p_arr = np.ascontiguousarray(pred).astype(np.int64)
+    t_arr = np.ascontiguousarray(target).astype(np.int64)
+    p = torch.as_tensor(p_arr)[None, None]
+    t = torch.as_tensor(t_arr)[None, None]
     d = compute_dice(p, t, include_background=True, ignore_empty=True, num_classes=num_classes)
-    return d[0].double().numpy()
+    dice = d[0].double().numpy().copy()
+    dice[~_present(t_arr, num_classes) & _present(p_arr, num_classes)] = 0.0
+    return dice
 
 
-def summarise(per_case: Sequence[np.ndarray]) -> dict[str, Any]:
-    """Average per-case Dice vectors into the metrics.json form of one method.
+def _present(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes,) bool: which classes 0..num_classes-1 occur in ``labels``."""
+    values = np.unique(labels)
+    mask = np.zeros(num_classes, dtype=bool)
+    mask[values[(values >= 0) & (values < num_classes)]] = True
+    return mask
+
+
+def false_positive_ml(
+    pred: np.ndarray,
+    target: np.ndarray,
+    *,
+    voxel_volume_ml: float,
+    num_classes: int = NUM_CLASSES,
+) -> np.ndarray:
+    """Volume of every class predicted where the ground truth is another class.
+
+    Counts the voxels with ``pred == c`` and ``target != c``, for each class ``c``, and converts
+    them to mL. Unlike Dice this sees the size of the harm, also for classes the ground truth
+    lacks (where Dice is a flat 0). Values outside 0..num_classes-1 are not counted.
 
     Args:
-        per_case: (C,) Dice vectors, one per case (NaN = class absent).
+        pred: integer label map (prediction).
+        target: integer label map (ground truth) of the same shape.
+        voxel_volume_ml: volume of one voxel in mL (product of the spacing in mm / 1000).
+        num_classes: classes measured, 0..num_classes-1.
+
+    Returns:
+        (num_classes,) float64 false-positive volume in mL per class (entry 0 is background
+        predicted inside a labelled structure).
+
+    Raises:
+        ValueError: shapes differ, ``voxel_volume_ml`` is not a positive finite number, or
+            ``num_classes`` < 1.
+    """
+    pred = np.asarray(pred)
+    target = np.asarray(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from ground-truth shape {target.shape}.")
+    if not (np.isfinite(voxel_volume_ml) and voxel_volume_ml > 0):
+        raise ValueError(f"voxel_volume_ml must be a positive finite number, got {voxel_volume_ml!r}.")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+    wrong = pred.astype(np.int64)[pred != target]
+    wrong = wrong[(wrong >= 0) & (wrong < num_classes)]
+    counts = np.bincount(wrong, minlength=num_classes)
+    return counts.astype(np.float64) * float(voxel_volume_ml)
+
+
+def summarise(
+    per_case: Sequence[np.ndarray],
+    *,
+    false_positive_ml: Sequence[np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """Average per-case Dice (and optionally false-positive volume) vectors into the metrics.json form.
+
+    Args:
+        per_case: (C,) Dice vectors, one per case (NaN = class absent from prediction and ground truth).
+        false_positive_ml: optional (C,) false-positive volumes in mL (see :func:`false_positive_ml`),
+            one per case in the order of ``per_case``.
 
     Returns:
         ``{"dice": {class name: mean}, "mean_dice": mean over 13 classes, "mean_organ_dice": over 12,
-        "cases": n}``.
+        "cases": n}``; with ``false_positive_ml`` also ``"false_positive_ml": {class name: mean mL over
+        cases}`` and ``"mean_false_positive_ml"``: the mean of the 12 organs' values.
+
+    Raises:
+        ValueError: ``false_positive_ml`` holds another number of cases than ``per_case`` or vectors
+            of another shape.
     """
     stack = np.stack(per_case)  # (N, C)
     with warnings.catch_warnings():  # a class absent from every case stays NaN (reported as null)
         warnings.simplefilter("ignore", RuntimeWarning)
         per_class = np.nanmean(stack, axis=0)
-    return {
+    out: dict[str, Any] = {
         "dice": {name: _num(v) for name, v in zip(CLASS_NAMES, per_class)},
         "mean_dice": _num(np.nanmean(per_class)),
         "mean_organ_dice": _num(np.nanmean(per_class[1:])),
         "cases": len(per_case),
     }
+    if false_positive_ml is not None:
+        if len(false_positive_ml) != len(per_case):
+            raise ValueError(f"false_positive_ml has {len(false_positive_ml)} cases, per_case has {len(per_case)}.")
+        fp = np.stack([np.asarray(v, dtype=np.float64) for v in false_positive_ml])
+        if fp.shape != stack.shape:
+            raise ValueError(f"false_positive_ml vectors have shape {fp.shape[1:]}, the Dice vectors "
+                             f"{stack.shape[1:]}.")
+        fp_mean = fp.mean(axis=0)
+        out["false_positive_ml"] = {name: _num(v) for name, v in zip(CLASS_NAMES, fp_mean)}
+        out["mean_false_positive_ml"] = _num(fp_mean[1:].mean())
+    return out
 
 
 def _num(x: float) -> float | None:

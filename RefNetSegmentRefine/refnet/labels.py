@@ -2,7 +2,8 @@
 
 Every front (core, CLI, Slicer module) reads names, colours, synonyms and terminology from here,
 so a segment called ``kidney_right`` in TotalSegmentator, label 2 in BTCV and "Right kidney" in
-Slicer all land on the same class.
+Slicer all land on the same class. :data:`LABEL_SCHEMES` maps the numberings of BTCV, TotalSegmentator,
+FLARE22 and WORD onto the classes; their other structures map to nothing and pass through untouched.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ __all__ = [
     "BTCV_TO_CLASS",
     "CLASSES",
     "CLASS_NAMES",
+    "FLARE22_TO_CLASS",
     "LABEL_SCHEMES",
     "NUM_CLASSES",
     "TOTALSEGMENTATOR_TO_CLASS",
+    "WORD_TO_CLASS",
     "LabelClass",
     "check_class_labels",
     "class_index_for_name",
@@ -93,10 +96,26 @@ TOTALSEGMENTATOR_TO_CLASS: dict[int, int] = {
     0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 6: 7, 7: 11, 8: 12, 9: 12, 15: 5, 52: 8, 63: 9, 64: 10,
 }
 
+# MICCAI FLARE 2022 (13 organs): 1 liver, 2 right kidney, 3 spleen, 4 pancreas, 5 aorta, 6 IVC,
+# 7/8 right/left adrenal (merged), 9 gallbladder, 10 esophagus, 11 stomach, 12 duodenum, 13 left kidney.
+# Duodenum maps to nothing; FLARE22 has no portal/splenic vein.
+FLARE22_TO_CLASS: dict[int, int] = {
+    0: 0, 1: 6, 2: 2, 3: 1, 4: 11, 5: 8, 6: 9, 7: 12, 8: 12, 9: 4, 10: 5, 11: 7, 13: 3,
+}
+
+# WORD (16 organs): 1 liver, 2 spleen, 3 left kidney, 4 right kidney, 5 stomach, 6 gallbladder,
+# 7 esophagus, 8 pancreas, 12 adrenal (both); duodenum (9), colon (10), intestine (11), rectum (13),
+# bladder (14) and the femoral heads (15, 16) map to nothing. WORD has no aorta, IVC or portal vein.
+WORD_TO_CLASS: dict[int, int] = {
+    0: 0, 1: 6, 2: 1, 3: 3, 4: 2, 5: 7, 6: 4, 7: 5, 8: 11, 12: 12,
+}
+
 LABEL_SCHEMES: dict[str, dict[int, int]] = {
     "refnet": {c.index: c.index for c in CLASSES},
     "btcv": BTCV_TO_CLASS,
     "totalsegmentator": TOTALSEGMENTATOR_TO_CLASS,
+    "flare22": FLARE22_TO_CLASS,
+    "word": WORD_TO_CLASS,
 }
 
 
@@ -130,6 +149,12 @@ def scheme_mapping(scheme: str) -> dict[int, int]:
     return LABEL_SCHEMES[scheme]
 
 
+def _other_schemes() -> str:
+    """The non-RefNet scheme names as prose: ``"btcv, totalsegmentator, flare22 or word"``."""
+    names = [n for n in LABEL_SCHEMES if n != "refnet"]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
 def check_class_labels(labels: np.ndarray, *, what: str = "label map") -> None:
     """Raise ValueError unless every value of ``labels`` is a RefNet class index (0..12)."""
     if not np.issubdtype(labels.dtype, np.integer) and not np.issubdtype(labels.dtype, np.bool_):
@@ -140,8 +165,8 @@ def check_class_labels(labels: np.ndarray, *, what: str = "label map") -> None:
     bad = values[(values < 0) | (values >= NUM_CLASSES)]
     if bad.size:
         raise ValueError(
-            f"{what} holds values {bad[:10].tolist()} outside the {NUM_CLASSES} RefNet classes 0..{NUM_CLASSES - 1}; "
-            "pass --label-scheme btcv or totalsegmentator if it uses another numbering."
+            f"{what} holds values {bad[:10].tolist()} outside the {NUM_CLASSES} RefNet classes "
+            f"0..{NUM_CLASSES - 1}; pass --label-scheme {_other_schemes()} if it uses another numbering."
         )
 
 
@@ -163,11 +188,23 @@ def to_class_labels(labels: np.ndarray, scheme: str = "refnet") -> tuple[np.ndar
     if scheme == "refnet":
         check_class_labels(labels)
         return labels.astype(np.uint8, copy=True), np.zeros(labels.shape, dtype=bool)
+    mapped = _map_values(labels, mapping)
+    return np.maximum(mapped, 0).astype(np.uint8), mapped < 0
+
+
+def _map_values(labels: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    """int16 array of ``mapping[value]`` per voxel, -1 where the value maps to no class."""
+    if labels.size and np.issubdtype(labels.dtype, np.integer):
+        low, high = int(labels.min()), int(labels.max())
+        if low >= 0 and high < 1 << 16:  # a lookup table instead of np.unique's sort of a CT-sized map
+            lut = np.full(high + 1, -1, dtype=np.int16)
+            for value, index in mapping.items():
+                if 0 <= value <= high:
+                    lut[value] = index
+            return lut[labels]
     values, inverse = np.unique(labels, return_inverse=True)
     mapped = np.array([mapping.get(int(v), -1) for v in values], dtype=np.int16)[inverse.ravel()]
-    mapped = mapped.reshape(labels.shape)
-    unmapped = mapped < 0
-    return np.where(unmapped, 0, mapped).astype(np.uint8), unmapped
+    return mapped.reshape(labels.shape)
 
 
 def from_class_labels(
@@ -176,8 +213,8 @@ def from_class_labels(
     """Map refined RefNet classes back to the values of ``original``'s scheme.
 
     Voxels whose original value maps to no class keep that value; where a class has several
-    source values (BTCV's two adrenals), each voxel keeps its original value if it still holds
-    that class, otherwise takes the lowest source value of the class.
+    source values (the two adrenals of BTCV and FLARE22), each voxel keeps its original value if
+    it still holds that class, otherwise takes the lowest source value of the class.
 
     Args:
         classes: refined class map, same shape as ``original``.
@@ -193,13 +230,11 @@ def from_class_labels(
     back = np.zeros(NUM_CLASSES, dtype=np.int64)
     for value in sorted(mapping, reverse=True):
         back[mapping[value]] = value
-    out = back[classes.astype(np.intp)]
-    orig_classes = np.array([mapping.get(int(v), -1) for v in range(int(original.max(initial=0)) + 1)])
-    if original.min(initial=0) >= 0 and orig_classes.size:
-        orig_cls_map = orig_classes[original.astype(np.intp)]
-        keep = (orig_cls_map == classes) | (orig_cls_map < 0)
-        out = np.where(keep, original, out)
-    return out.astype(original.dtype)
+    back = back.astype(original.dtype)
+    out = back[classes if np.issubdtype(classes.dtype, np.integer) else classes.astype(np.intp)]
+    orig_cls_map = _map_values(original, mapping)
+    np.copyto(out, original, where=(orig_cls_map == classes) | (orig_cls_map < 0))
+    return out
 
 
 def slicer_terminology(index: int) -> str:

@@ -31,6 +31,9 @@ class RefNetConfig:
     features: tuple[int, ...] = (16, 32, 64, 128, 256, 16)  # monai BasicUNet feature sizes
     identity_scale: float = 4.0  # weight of the raw one-hot added to the logits (0 disables)
     dropout: float = 0.0
+    norm: str = "batch"  # "batch": fixed statistics at inference, so whole slices and crops agree;
+    #                      "instance": files written before the spacing-aware engine
+
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
@@ -39,6 +42,8 @@ class RefNetConfig:
             raise ValueError(f"embed_dim must be >= 1, got {self.embed_dim}.")
         if self.context < 0 or self.ct_channels < 0:
             raise ValueError(f"context and ct_channels must be >= 0, got {self.context}, {self.ct_channels}.")
+        if self.norm not in ("batch", "instance"):
+            raise ValueError(f"norm must be 'batch' or 'instance', got {self.norm!r}.")
         if len(self.features) != 6:
             raise ValueError(f"features needs 6 sizes (BasicUNet), got {len(self.features)}.")
         object.__setattr__(self, "features", tuple(int(f) for f in self.features))
@@ -69,6 +74,7 @@ class RefNet(nn.Module):
         self.unet = BasicUNet(
             spatial_dims=2, in_channels=in_channels, out_channels=config.num_classes,
             features=config.features, dropout=config.dropout,
+            norm=("batch", {}) if config.norm == "batch" else ("instance", {"affine": True}),
         )
         if config.identity_scale > 0:
             nn.init.zeros_(self.unet.final_conv.weight)

@@ -1,31 +1,47 @@
 """Refine one 3D label map with a trained RefNet: the function every front calls.
 
-Layered as in nnU-Net: :func:`predict_logits` (net on a batch of slices), :func:`logits_to_labels`,
-then the pure :func:`restrict_changes`; :func:`refine_labels` streams slices through them. Only the
-labelled bounding box (plus a margin) is processed; everything else is copied through.
+The pipeline (see DESIGN.md): canonical orientation -> each axial slice resampled in-plane to the
+model's spacing on a grid anchored to the whole slice -> the net on the whole slice (batch norm with
+fixed statistics, so the output at a voxel depends on neither a crop nor the image size) -> back to
+the native grid inside the labelled box plus a margin in mm, where a voxel may change only if the
+net changed its label on the model grid -> guards (:mod:`refnet.guards`) -> the input's orientation.
+Whole slices instead of nnU-Net-style overlapping tiles: with batch norm they give the same
+crop independence at a third of the compute (tiles must overlap and cover the box's surroundings).
+
+Layered as in nnU-Net: :func:`propose` (the net's candidate labels and confidences, no guard but
+the absent-class one) then :func:`apply_guards`; :func:`refine_volume` chains them and reports.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .checkpoint import LoadedModel
-from .geometry import check_affine, to_canonical
-from .labels import check_class_labels
+from .geometry import canonical_affine, check_affine, to_canonical
+from .guards import GUARD_NAMES, GuardConfig, keep_classes, limit_to_band, limit_to_confident, remove_new_components
+from .labels import CLASS_NAMES, check_class_labels
+from .spacing import InPlaneGrid, context_offsets, resample_image, resample_labels, to_native, voxel_spacing
 
 __all__ = [
     "ProgressCallback",
+    "Proposal",
     "RefineConfig",
+    "RefineReport",
+    "RefineResult",
     "RefinementCancelled",
+    "apply_guards",
     "label_slab",
     "logits_to_labels",
     "predict_logits",
+    "propose",
     "refine_labels",
+    "refine_volume",
     "restrict_changes",
     "window_ct",
 ]
@@ -35,8 +51,6 @@ logger = logging.getLogger(__name__)
 ProgressCallback = Callable[[int, int], "bool | None"]
 """Called as ``progress(done_slices, total_slices)``; returning ``False`` cancels the run."""
 
-_ALIGN = 16  # BasicUNet halves the image 4 times
-_MIN_SIZE = 32  # so the bottleneck keeps more than one pixel for its instance norm
 
 
 class RefinementCancelled(RuntimeError):
@@ -45,17 +59,58 @@ class RefinementCancelled(RuntimeError):
 
 @dataclass(frozen=True)
 class RefineConfig:
-    """How a volume is streamed through the net."""
+    """How a volume is streamed through the net, and which guards run."""
 
     batch_size: int = 8  # axial slices per forward pass (memory vs speed)
-    margin: int = 16  # in-plane voxels kept around the labelled bounding box
-    slice_margin: int = 2  # extra slices refined above and below the labelled range
+    margin_mm: float = 12.0  # processed around the labelled box; raised to the guard band if smaller
+    guards: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
-        if self.margin < 0 or self.slice_margin < 0:
-            raise ValueError(f"margins must be >= 0, got margin={self.margin}, slice_margin={self.slice_margin}.")
+        if self.margin_mm < 0:
+            raise ValueError(f"margin_mm must be >= 0, got {self.margin_mm}.")
+
+
+@dataclass
+class RefineReport:
+    """What a refinement did: changes per class, voxels each guard held back, warnings.
+
+    Attributes:
+        changed: class name -> ``[added, removed]`` voxels, for classes that changed.
+        held_back: guard name -> voxels it put back to their raw label (0 when off or idle).
+        warnings: e.g. a slice spacing outside the range the model was trained on.
+        native_spacing_mm: voxel size of the input (canonical R, A, S axes).
+        model_spacing_mm: in-plane spacing the net ran at (None: the input's own).
+    """
+
+    changed: dict[str, list[int]] = field(default_factory=dict)
+    held_back: dict[str, int] = field(default_factory=lambda: dict.fromkeys(GUARD_NAMES, 0))
+    warnings: list[str] = field(default_factory=list)
+    native_spacing_mm: list[float] = field(default_factory=list)
+    model_spacing_mm: float | None = None
+
+    def to_dict(self) -> dict:
+        """Plain-types form for JSON (batch summaries, metrics)."""
+        return {"changed": self.changed, "held_back": self.held_back, "warnings": self.warnings,
+                "native_spacing_mm": self.native_spacing_mm, "model_spacing_mm": self.model_spacing_mm}
+
+    def summary(self) -> str:
+        """One line for a status bar or log: voxels changed and held back."""
+        added = sum(a for a, _ in self.changed.values())
+        removed = sum(r for _, r in self.changed.values())
+        held = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.held_back.items() if v)
+        text = f"{added + removed} voxels changed in {len(self.changed)} classes"
+        text += f"; guards held back: {held}" if held else "; guards held back nothing"
+        return text + "".join(f". Warning: {w}" for w in self.warnings)
+
+
+@dataclass
+class RefineResult:
+    """The refined label map (input's shape, dtype and layout) and its report."""
+
+    labels: np.ndarray
+    report: RefineReport
 
 
 def window_ct(ct: np.ndarray, level: float, width: float) -> np.ndarray:
@@ -66,26 +121,25 @@ def window_ct(ct: np.ndarray, level: float, width: float) -> np.ndarray:
     return np.clip((np.asarray(ct, dtype=np.float32) - low) / width, 0.0, 1.0)
 
 
-def label_slab(volume: np.ndarray, centres: Sequence[int], context: int) -> np.ndarray:
-    """Stack ``2*context+1`` neighbouring axial slices around each centre (edges repeat).
+def label_slab(volume: np.ndarray, centres, offsets) -> np.ndarray:
+    """Stack the slices at ``centre + offsets`` around each centre (indices clamp at the edges).
 
     Args:
         volume: (I, J, K) array in canonical layout (axial slices ``[:, :, k]``).
         centres: slice indices k.
-        context: neighbours on each side.
+        offsets: (S,) int slice offsets, centre 0 in the middle (see :func:`refnet.spacing.context_offsets`).
 
     Returns:
-        (B, 2*context+1, I, J) array of ``volume``'s dtype.
+        (B, S, I, J) array of ``volume``'s dtype.
     """
     k = volume.shape[2]
-    offsets = np.arange(-context, context + 1)
-    idx = np.clip(np.asarray(centres)[:, None] + offsets[None, :], 0, k - 1)  # (B, S)
+    idx = np.clip(np.asarray(centres)[:, None] + np.asarray(offsets)[None, :], 0, k - 1)  # (B, S)
     return np.moveaxis(volume[:, :, idx], (2, 3), (0, 1))  # (B, S, I, J)
 
 
 @torch.no_grad()
 def predict_logits(model: LoadedModel, labels: np.ndarray, ct: np.ndarray | None = None) -> torch.Tensor:
-    """Run the net on a batch of slices.
+    """Run the net on a batch of label slabs.
 
     Args:
         model: a loaded RefNet.
@@ -105,22 +159,9 @@ def logits_to_labels(logits: torch.Tensor) -> np.ndarray:
     return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
 
 
-def restrict_changes(raw: np.ndarray, refined: np.ndarray, allowed: Sequence[int]) -> np.ndarray:
-    """Keep the raw label wherever the refinement would touch a class outside ``allowed``.
-
-    A voxel takes the refined label only if both its raw and refined classes are allowed, so a
-    disallowed class keeps exactly its raw mask. Used for classes a model failed its per-class check on.
-
-    Args:
-        raw, refined: integer arrays of the same shape.
-        allowed: class indices the refinement may change.
-
-    Returns:
-        New array of ``refined``'s dtype.
-    """
-    allowed = np.asarray(sorted(set(int(a) for a in allowed)))
-    ok = np.isin(raw, allowed) & np.isin(refined, allowed)
-    return np.where(ok, refined, raw).astype(refined.dtype)
+def restrict_changes(raw: np.ndarray, refined: np.ndarray, allowed) -> np.ndarray:
+    """Keep the raw label wherever the refinement would touch a class outside ``allowed``."""
+    return keep_classes(raw, refined, allowed)[0]
 
 
 def _check_inputs(labels: np.ndarray, ct: np.ndarray | None, model: LoadedModel) -> None:
@@ -137,17 +178,209 @@ def _check_inputs(labels: np.ndarray, ct: np.ndarray | None, model: LoadedModel)
         )
 
 
-def _crop_box(labels: np.ndarray, config: RefineConfig) -> tuple[slice, slice, slice]:
+_ALIGN = 16  # BasicUNet halves the image 4 times
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where the net runs: whole slices of the model grid, written back into a native box."""
+
+    box: tuple[slice, slice, slice]  # native canonical box that may change
+    grid: InPlaneGrid
+    span: tuple[tuple[int, int], tuple[int, int]]  # model pixels run through the net: the whole slice
+    zwork: tuple[int, int]  # slices resampled (box slices plus the context reach)
+    offsets: np.ndarray
+
+
+def _plan(labels: np.ndarray, spacing, model: LoadedModel, config: RefineConfig, band_mm: float) -> _Plan:
     nz = np.nonzero(labels)
-    lo = [int(a.min()) for a in nz]
-    hi = [int(a.max()) + 1 for a in nz]
-    margins = (config.margin, config.margin, config.slice_margin)
-    return tuple(slice(max(0, a - m), min(n, b + m)) for a, b, m, n in zip(lo, hi, margins, labels.shape))
+    margin_mm = max(config.margin_mm, band_mm + max(spacing)) if config.guards.band else config.margin_mm
+    box = tuple(slice(max(0, int(i.min()) - math.ceil(margin_mm / s)),
+                      min(n, int(i.max()) + 1 + math.ceil(margin_mm / s)))
+                for i, s, n in zip(nz, spacing, labels.shape))
+    grid = InPlaneGrid.for_spacing(labels.shape[:2], spacing[:2], model.inplane_mm)
+    # The whole slice (padded with background to a multiple of 16) goes through the net, so what it
+    # predicts at a voxel never depends on the box; with batch norm it does not depend on the size either.
+    span = tuple((0, max(2 * _ALIGN, n + (-n) % _ALIGN)) for n in grid.shape)
+    offsets = context_offsets(model.config.context, spacing[2], model.context_mm)
+    reach = int(np.abs(offsets).max())
+    zwork = (max(0, box[2].start - reach), min(labels.shape[2], box[2].stop + reach))
+    return _Plan(box, grid, span, zwork, offsets)
 
 
-def _pad_to(a: np.ndarray, align: int) -> np.ndarray:
-    pads = [(0, 0)] * (a.ndim - 2) + [(0, max(_MIN_SIZE, n + (-n) % align) - n) for n in a.shape[-2:]]
-    return np.pad(a, pads, mode="edge")
+@dataclass
+class Proposal:
+    """The net's candidate for the box, before the guards (except the absent-class one).
+
+    Attributes:
+        box: canonical native box the arrays cover.
+        raw: (X, Y, Z) int64 input labels in the box.
+        candidate: (X, Y, Z) int64 proposed labels; equal to ``raw`` wherever the net changed nothing.
+        confidence: (X, Y, Z) float32 probability of the candidate label.
+        absent_held: voxels the absent-class guard kept from taking a class the input lacks.
+        spacing: (3,) voxel size in mm of the canonical axes.
+    """
+
+    box: tuple[slice, slice, slice]
+    raw: np.ndarray
+    candidate: np.ndarray
+    confidence: np.ndarray
+    absent_held: int
+    spacing: tuple[float, float, float]
+
+
+@torch.no_grad()
+def propose(canon: np.ndarray, spacing, model: LoadedModel, *, ct: np.ndarray | None = None,
+            config: RefineConfig | None = None, progress: ProgressCallback | None = None) -> Proposal:
+    """Run the net over the labelled box of a canonical volume and return its candidate labels.
+
+    Args:
+        canon: (I, J, K) int classes in canonical RAS layout, with at least one labelled voxel.
+        spacing: (3,) voxel size in mm of ``canon``'s axes.
+        ct: (I, J, K) windowed CT in [0, 1], same layout, for CT models.
+
+    Returns:
+        The :class:`Proposal`.
+    """
+    config = config or RefineConfig()
+    plan = _plan(canon, spacing, model, config, model.guard_setting("band_mm", config.guards))
+    z0, z1 = plan.zwork
+    work = resample_labels(canon[:, :, z0:z1], plan.grid, plan.span, num_classes=model.config.num_classes)
+    work_ct = None if ct is None else resample_image(ct[:, :, z0:z1], plan.grid, plan.span)
+    present = np.bincount(canon.ravel(), minlength=model.config.num_classes) > 0
+    if not config.guards.absent_classes:
+        present[:] = True
+    keep = torch.as_tensor(present, device=model.device).view(1, -1, 1, 1)
+    box = plan.box
+    raw = np.ascontiguousarray(canon[box]).astype(np.int64)
+    candidate, confidence = raw.copy(), np.ones(raw.shape, dtype=np.float32)
+    absent_held, total = 0, box[2].stop - box[2].start
+    for start in range(box[2].start, box[2].stop, config.batch_size):
+        centres = np.arange(start, min(box[2].stop, start + config.batch_size))
+        slab = label_slab(work, centres - z0, plan.offsets)  # (B, S, U, V)
+        ct_slab = None if work_ct is None else label_slab(work_ct, centres - z0, [0])
+        probs = torch.softmax(predict_logits(model, slab, ct_slab), dim=1)  # (B, C, U, V)
+        k = slice(start - box[2].start, centres[-1] + 1 - box[2].start)
+        absent_held += _to_box(probs, keep, torch.as_tensor(slab[:, slab.shape[1] // 2].astype(np.int64),
+                                                            device=probs.device),
+                               plan, raw[:, :, k], candidate[:, :, k], confidence[:, :, k])
+        if progress is not None and progress(int(centres[-1] + 1 - box[2].start), total) is False:
+            raise RefinementCancelled("refinement cancelled; the input was left unchanged.")
+    return Proposal(box, raw, candidate, confidence, absent_held, tuple(spacing))
+
+
+def _to_box(probs, keep, raw_model, plan: _Plan, raw, candidate, confidence) -> int:
+    """Write the candidate and confidence of a slice chunk into the native box; returns absent-class holds.
+
+    ``probs`` (B, C, U, V) and ``raw_model`` (B, U, V) are on the model grid; a native voxel may change
+    only where the net changed the label of the model pixels it is interpolated from.
+    """
+    changed_model = ((probs * keep).argmax(dim=1) != raw_model).float()[:, None]  # (B, 1, U, V)
+    box = plan.box
+    lo, hi = (box[0].start, box[1].start), (box[0].stop, box[1].stop)
+    native = to_native(torch.cat([probs, changed_model], dim=1), plan.grid, (0, 0), lo, hi)
+    p, changed = native[:, :-1], native[:, -1] > 0.5  # (B, C, X, Y), (B, X, Y)
+    best = (p * keep).argmax(dim=1)  # (B, X, Y)
+    conf = p.gather(1, best[:, None])[:, 0]
+    raw_t = torch.as_tensor(np.moveaxis(raw, 2, 0), device=p.device)
+    changed &= best != raw_t
+    top = p.argmax(dim=1)  # what the net would pick with every class allowed
+    absent = (native[:, -1] > 0.5) & (top != raw_t) & ~keep[0, :, 0, 0][top]
+    candidate[:] = np.moveaxis(torch.where(changed, best, raw_t).cpu().numpy(), 0, 2)
+    confidence[:] = np.moveaxis(torch.where(changed, conf, torch.ones_like(conf)).cpu().numpy(), 0, 2)
+    return int(absent.sum())
+
+
+def apply_guards(proposal: Proposal, model: LoadedModel, guards: GuardConfig | None = None
+                 ) -> tuple[np.ndarray, dict[str, int]]:
+    """Undo the proposal's changes that a guard forbids, in the order of :data:`GUARD_NAMES`.
+
+    Returns:
+        ``(labels, held_back)``: (X, Y, Z) int64 labels of the box and voxels held back per guard.
+    """
+    guards = guards or GuardConfig()
+    raw, out = proposal.raw, proposal.candidate
+    held = dict.fromkeys(GUARD_NAMES, 0)
+    held["absent_classes"] = proposal.absent_held
+    if guards.class_check:
+        out, held["class_check"] = keep_classes(raw, out, model.refine_classes)
+    if guards.confidence:
+        out, held["confidence"] = limit_to_confident(raw, out, proposal.confidence,
+                                                     model.guard_setting("threshold", guards))
+    if guards.band:
+        out, held["band"] = limit_to_band(raw, out, proposal.spacing, model.guard_setting("band_mm", guards))
+    if guards.new_components:
+        out, held["new_components"] = remove_new_components(raw, out)
+    return out, held
+
+
+def _warnings(spacing, model: LoadedModel) -> list[str]:
+    notes = []
+    lo, hi = model.slice_range_mm or (None, None)
+    if lo is not None and not lo * 0.8 <= spacing[2] <= hi * 1.25:
+        notes.append(f"slice spacing {spacing[2]:.2f} mm is outside the {lo:g}-{hi:g} mm the model was trained on; "
+                     "check the result closely")
+    if model.inplane_mm is None:
+        notes.append("the model file records no training spacing; refined at the input's own spacing")
+    elif max(spacing[:2]) > 2.0 * model.inplane_mm:
+        notes.append(f"in-plane spacing {max(spacing[:2]):.2f} mm is much coarser than the model's "
+                     f"{model.inplane_mm:g} mm; boundaries cannot be finer than the input")
+    return notes
+
+
+def refine_volume(
+    labels: np.ndarray,
+    affine: np.ndarray,
+    model: LoadedModel,
+    *,
+    ct: np.ndarray | None = None,
+    config: RefineConfig | None = None,
+    progress: ProgressCallback | None = None,
+) -> RefineResult:
+    """Refine a 3D label map slice by slice along its axial axis, at the model's physical spacing.
+
+    Args:
+        labels: (X, Y, Z) integer RefNet classes 0..12, any orientation.
+        affine: (4, 4) voxel-to-world affine; the axial axis and the spacing come from it.
+        model: a loaded RefNet (see :func:`refnet.checkpoint.load_model`).
+        ct: (X, Y, Z) CT in HU on the same grid; required for CT-conditioned models.
+        config: streaming and guard settings.
+        progress: ``progress(done, total)`` after each group of slices; return False to cancel.
+
+    Returns:
+        The refined map (same shape and dtype; the input is not modified) and its report.
+
+    Raises:
+        ValueError: bad shapes, values outside the classes, missing CT for a CT model.
+        RefinementCancelled: the progress callback returned False.
+    """
+    config = config or RefineConfig()
+    _check_inputs(labels, ct, model)
+    affine = check_affine(affine)
+    canon, reo = to_canonical(labels, affine)
+    spacing = voxel_spacing(canonical_affine(affine, labels.shape))
+    report = RefineReport(native_spacing_mm=[round(s, 4) for s in spacing], model_spacing_mm=model.inplane_mm,
+                          warnings=_warnings(spacing, model))
+    for note in report.warnings:
+        logger.warning(note)
+    if not labels.any():
+        logger.info("label map is empty; nothing to refine")
+        return RefineResult(labels.copy(), report)
+    ct_canon = None
+    if model.uses_ct:
+        level, width = model.metadata.get("ct_window") or (40.0, 400.0)
+        ct_canon = window_ct(reo.forward(np.asarray(ct)), level, width)
+    canon = np.asarray(canon).astype(np.int64) if canon.dtype.kind not in "ui" else np.asarray(canon)
+    proposal = propose(canon, spacing, model, ct=ct_canon, config=config, progress=progress)
+    out, report.held_back = apply_guards(proposal, model, config.guards)
+    for c, name in enumerate(CLASS_NAMES):
+        added = int(((out == c) & (proposal.raw != c)).sum())
+        removed = int(((proposal.raw == c) & (out != c)).sum())
+        if added or removed:
+            report.changed[name] = [added, removed]
+    refined = np.array(canon, copy=True)
+    refined[proposal.box] = out
+    return RefineResult(reo.backward(refined).astype(labels.dtype, copy=False), report)
 
 
 def refine_labels(
@@ -159,57 +392,5 @@ def refine_labels(
     config: RefineConfig | None = None,
     progress: ProgressCallback | None = None,
 ) -> np.ndarray:
-    """Refine a 3D label map slice by slice along its axial axis.
-
-    Args:
-        labels: (X, Y, Z) integer RefNet classes 0..12, any orientation.
-        affine: (4, 4) voxel-to-world affine; the axial axis is found from it.
-        model: a loaded RefNet (see :func:`refnet.checkpoint.load_model`).
-        ct: (X, Y, Z) CT in HU on the same grid; required for CT-conditioned models.
-        config: streaming settings.
-        progress: ``progress(done, total)`` after each batch; return False to cancel.
-
-    Returns:
-        New label map of the same shape and dtype; the input is not modified.
-
-    Raises:
-        ValueError: bad shapes, values outside the classes, missing CT for a CT model.
-        RefinementCancelled: the progress callback returned False.
-    """
-    config = config or RefineConfig()
-    _check_inputs(labels, ct, model)
-    affine = check_affine(affine)
-    if not labels.any():
-        logger.info("label map is empty; nothing to refine")
-        return labels.copy()
-    canon, reo = to_canonical(labels, affine)
-    box = _crop_box(canon, config)
-    raw = np.ascontiguousarray(canon[box]).astype(np.int64)  # (I, J, K) crop
-    ct_crop = None
-    if model.uses_ct:
-        level, width = model.metadata.get("ct_window") or (40.0, 400.0)
-        ct_crop = window_ct(reo.forward(np.asarray(ct))[box], level, width)
-    out = _refine_crop(raw, ct_crop, model, config, progress)
-    out = restrict_changes(raw, out, model.refine_classes)
-    refined = np.array(canon, copy=True)
-    refined[box] = out
-    return reo.backward(refined).astype(labels.dtype, copy=False)
-
-
-def _refine_crop(
-    raw: np.ndarray, ct: np.ndarray | None, model: LoadedModel, config: RefineConfig,
-    progress: ProgressCallback | None,
-) -> np.ndarray:
-    depth = raw.shape[2]
-    context = model.config.context
-    out = np.empty(raw.shape, dtype=np.int64)
-    h, w = raw.shape[:2]
-    for start in range(0, depth, config.batch_size):
-        centres = list(range(start, min(depth, start + config.batch_size)))
-        slab = _pad_to(label_slab(raw, centres, context), _ALIGN)  # (B, S, H', W')
-        ct_slab = None if ct is None else _pad_to(label_slab(ct, centres, 0), _ALIGN)  # (B, 1, H', W')
-        pred = logits_to_labels(predict_logits(model, slab, ct_slab))[:, :h, :w]  # (B, H, W)
-        out[:, :, centres[0] : centres[-1] + 1] = np.moveaxis(pred, 0, 2)
-        if progress is not None and progress(centres[-1] + 1, depth) is False:
-            raise RefinementCancelled("refinement cancelled; the input was left unchanged.")
-    return out
+    """:func:`refine_volume` without the report: the refined label map alone."""
+    return refine_volume(labels, affine, model, ct=ct, config=config, progress=progress).labels

@@ -23,10 +23,12 @@ import torch
 from .checkpoint import LoadedModel, save_model
 from .device import resolve_device
 from .evaluate import dice_per_class, summarise
+from .guards import GuardConfig
 from .labels import NUM_CLASSES
 from .losses import RefNetLoss
 from .model import RefNet, RefNetConfig
-from .refine import RefineConfig, label_slab, refine_labels, window_ct
+from .refine import Proposal, apply_guards, label_slab, propose, window_ct
+from .spacing import InPlaneGrid, context_offsets, resample_image, resample_labels, voxel_spacing
 
 __all__ = ["TrainConfig", "TrainingPair", "sample_batch", "train_from_folders", "train_refnet", "validate",
            "validation_cases"]
@@ -54,6 +56,13 @@ class TrainConfig:
     val_cases: int = 2  # cases held out (all their pairs) for epoch choice and the per-class check
     min_class_gain: float = 0.0  # held-out Dice gain a class needs to be refined (else it keeps raw labels)
     ct_window: tuple[float, float] = (40.0, 400.0)  # (level, width) HU for CT-conditioned models
+    spacing_mm: float | None = 1.5  # in-plane spacing RefNet trains and refines at (TotalSegmentator's
+    #                                 standard grid; None: the data's own, for pre-resampled data)
+    context_mm: float | None = 5.0  # distance of the context slices (None: adjacent slices)
+    identity_pairs: bool = True  # also train on (ground truth -> ground truth): correct maps stay as they are
+    band_mm: float = 6.0  # the band guard's width stored in the model file
+    thresholds: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)  # confidence thresholds tried on held-out cases
+    val_every: int = 1  # validate (and keep the best) every N epochs, and after the last
     seed: int = 0
     device: str = "auto"
 
@@ -68,6 +77,12 @@ class TrainConfig:
             raise ValueError(f"val_cases must be >= 0, got {self.val_cases}.")
         if not 0.0 <= self.error_fraction <= 1.0:
             raise ValueError(f"error_fraction must be in [0, 1], got {self.error_fraction}.")
+        if self.spacing_mm is not None and self.spacing_mm <= 0:
+            raise ValueError(f"spacing_mm must be > 0 (or None for the data's own), got {self.spacing_mm}.")
+        if not self.thresholds or any(not 0.0 <= t <= 1.0 for t in self.thresholds):
+            raise ValueError(f"thresholds must be probabilities in [0, 1], got {self.thresholds}.")
+        if self.val_every < 1:
+            raise ValueError(f"val_every must be >= 1, got {self.val_every}.")
 
 
 @dataclass(frozen=True)
@@ -157,7 +172,8 @@ def sample_batch(
     for _ in range(config.batch_size):
         i, (ci, cj, ck) = sampler.centre(rng)
         p = sampler.pairs[i]
-        slab = label_slab(_crop(p.raw, ci, cj, size), [ck], ctx)[0]  # (S, H, W)
+        offsets = context_offsets(ctx, voxel_spacing(p.affine)[2], config.context_mm)
+        slab = label_slab(_crop(p.raw, ci, cj, size), [ck], offsets)[0]  # (S, H, W)
         slabs.append(slab)
         targets.append(_crop(p.target[:, :, ck], ci, cj, size))
         if config.model.ct_channels:
@@ -168,23 +184,87 @@ def sample_batch(
     return labels, np.stack(targets).astype(np.int64), raw, ct
 
 
-def validate(model: LoadedModel, pairs: Sequence[TrainingPair]) -> dict[str, Any]:
+def _proposals(model: LoadedModel, pairs: Sequence[TrainingPair]) -> list[Proposal]:
+    """The net's candidates for each pair (canonical arrays), ready for any guard setting."""
+    out = []
+    for p in pairs:
+        ct = None
+        if model.uses_ct:
+            ct = window_ct(p.ct, *(model.metadata.get("ct_window") or (40.0, 400.0)))
+        out.append(propose(p.raw.astype(np.int64), voxel_spacing(p.affine), model, ct=ct))
+    return out
+
+
+def _guarded(pair: TrainingPair, proposal: Proposal, model: LoadedModel, guards: GuardConfig) -> np.ndarray:
+    labels = np.array(pair.raw, copy=True)
+    labels[proposal.box] = apply_guards(proposal, model, guards)[0]
+    return labels
+
+
+def _scores(model, pairs, proposals, guards) -> dict[str, Any]:
+    raw_scores = [dice_per_class(p.raw, p.target) for p in pairs]
+    ref_scores = [dice_per_class(_guarded(p, q, model, guards), p.target) for p, q in zip(pairs, proposals)]
+    with warnings.catch_warnings():  # a class absent from every held-out case is NaN, on purpose
+        warnings.simplefilter("ignore", RuntimeWarning)
+        raw_pc, ref_pc = np.nanmean(raw_scores, axis=0), np.nanmean(ref_scores, axis=0)
+    return {"raw": summarise(raw_scores), "refined": summarise(ref_scores),
+            "raw_per_class": raw_pc.tolist(), "refined_per_class": ref_pc.tolist()}
+
+
+def validate(model: LoadedModel, pairs: Sequence[TrainingPair], *, guards: GuardConfig | None = None
+             ) -> dict[str, Any]:
     """Per-class Dice of raw and refined against ground truth on held-out pairs.
 
     Returns:
         ``{"raw": summary, "refined": summary, "raw_per_class": [...], "refined_per_class": [...]}``
         where summaries are :func:`refnet.evaluate.summarise` outputs.
     """
-    raw_scores, ref_scores = [], []
+    return _scores(model, pairs, _proposals(model, pairs), guards or GuardConfig())
+
+
+def _identity_pairs(pairs: Sequence[TrainingPair]) -> list[TrainingPair]:
+    """One (ground truth -> ground truth) pair per case: a correct map must come back unchanged."""
+    seen: dict[int, TrainingPair] = {}
     for p in pairs:
-        refined = refine_labels(p.raw, p.affine, model, ct=p.ct, config=RefineConfig())
-        raw_scores.append(dice_per_class(p.raw, p.target))
-        ref_scores.append(dice_per_class(refined, p.target))
-    with warnings.catch_warnings():  # a class absent from every held-out case is NaN, on purpose
-        warnings.simplefilter("ignore", RuntimeWarning)
-        raw_pc, ref_pc = np.nanmean(raw_scores, axis=0), np.nanmean(ref_scores, axis=0)
-    return {"raw": summarise(raw_scores), "refined": summarise(ref_scores),
-            "raw_per_class": raw_pc.tolist(), "refined_per_class": ref_pc.tolist()}
+        seen.setdefault(p.case_id, replace(p, raw=p.target, source="ground_truth"))
+    return list(seen.values())
+
+
+def _choose_threshold(model, pairs, proposals, config: TrainConfig) -> tuple[float, list[dict[str, float]]]:
+    """The confidence threshold that best trades held-out gain against harm to correct maps.
+
+    Score of a threshold: mean Dice of the refined held-out predictions minus the Dice lost when the
+    held-out ground truth itself is refined (it should come back unchanged). Ties go to the higher
+    threshold, the more cautious one.
+    """
+    truth = _identity_pairs(pairs)
+    truth_props = _proposals(model, truth)
+    table = []
+    for t in sorted(config.thresholds):
+        guards = GuardConfig(class_check=False, threshold=t)
+        gain = _scores(model, pairs, proposals, guards)["refined"]["mean_dice"]
+        kept = _scores(model, truth, truth_props, guards)["refined"]["mean_dice"]
+        table.append({"threshold": t, "refined_mean_dice": gain, "ground_truth_kept": kept,
+                      "score": round(gain - (1.0 - kept), 5)})
+    best = max(table, key=lambda r: (r["score"], r["threshold"]))
+    return best["threshold"], table
+
+
+def _at_spacing(pair: TrainingPair, spacing_mm: float | None) -> TrainingPair:
+    """The pair resampled in-plane to ``spacing_mm`` the way refinement resamples (labels via one-hot)."""
+    if spacing_mm is None:
+        return pair
+    native = voxel_spacing(pair.affine)
+    grid = InPlaneGrid.for_spacing(pair.raw.shape[:2], native[:2], spacing_mm)
+    if grid.identity:
+        return pair
+    span = tuple((0, n) for n in grid.shape)
+    affine = np.array(pair.affine, dtype=np.float64, copy=True)
+    affine[:3, 0] *= grid.scale[0]
+    affine[:3, 1] *= grid.scale[1]
+    return replace(pair, raw=resample_labels(pair.raw, grid, span, num_classes=NUM_CLASSES),
+                   target=resample_labels(pair.target, grid, span, num_classes=NUM_CLASSES),
+                   ct=None if pair.ct is None else resample_image(pair.ct, grid, span), affine=affine)
 
 
 def _class_weights(pairs: Sequence[TrainingPair], power: float) -> list[float] | None:
@@ -257,16 +337,18 @@ def train_refnet(
     torch.manual_seed(config.seed)
     net = RefNet(config.model).to(device)
     optimiser = _OPTIMIZERS[config.optimizer](net.parameters(), lr=config.lr)
+    fit = train_pairs + (_identity_pairs(train_pairs) if config.identity_pairs else [])
+    fit = [_at_spacing(p, config.spacing_mm) for p in fit]
     loss_fn = RefNetLoss(raw_weight=config.raw_weight, dice_weight=config.dice_weight,
-                         class_weights=_class_weights(train_pairs, config.class_weight_power)).to(device)
+                         class_weights=_class_weights(fit, config.class_weight_power)).to(device)
     start, best = _resume(work, net, optimiser)
-    sampler = _Sampler(train_pairs, config.error_fraction)
+    sampler = _Sampler(fit, config.error_fraction)
     meta = _metadata(config, pairs, train_pairs, val_pairs, provenance)
     for epoch in range(start, config.epochs):
         losses = _run_epoch(net, optimiser, loss_fn, sampler, config, epoch, device, progress)
         record: dict[str, Any] = {"epoch": epoch + 1, **losses}
-        if val_pairs:
-            val = validate(LoadedModel(net.eval(), meta, device), val_pairs)
+        if val_pairs and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs):
+            val = validate(LoadedModel(net.eval(), meta, device), val_pairs, guards=GuardConfig(class_check=False))
             record.update(val_raw=val["raw"]["mean_dice"], val_refined=val["refined"]["mean_dice"])
             if best is None or val["refined"]["mean_dice"] > best["score"]:
                 best = {"score": val["refined"]["mean_dice"], "epoch": epoch + 1}
@@ -306,11 +388,16 @@ def _run_epoch(net, optimiser, loss_fn, sampler, config, epoch, device, progress
 def _metadata(config, pairs, train_pairs, val_pairs, provenance) -> dict[str, Any]:
     cfg = asdict(replace(config, model=RefNetConfig()))
     cfg.pop("model")
+    slices = [voxel_spacing(p.affine)[2] for p in pairs]
     return {
         "ct_window": list(config.ct_window) if config.model.ct_channels else None,
+        "spacing": {"inplane_mm": config.spacing_mm, "slice_mm": [round(min(slices), 3), round(max(slices), 3)],
+                    "context_mm": config.context_mm},
+        "guards": {"band_mm": config.band_mm, "threshold": min(config.thresholds)},
         "training": {
             "config": json.loads(json.dumps(cfg)),
             "pairs": len(pairs),
+            "identity_pairs": config.identity_pairs,
             "train_cases": sorted({p.case_id for p in train_pairs}),
             "val_cases": sorted({p.case_id for p in val_pairs}),
             "sources": sorted({p.source for p in pairs}),
@@ -320,6 +407,7 @@ def _metadata(config, pairs, train_pairs, val_pairs, provenance) -> dict[str, An
 
 
 def _finish(work, net, meta, val_pairs, config, output, device) -> LoadedModel:
+    """Best epoch, then on held-out pairs: the confidence threshold, the per-class check, the final scores."""
     from .checkpoint import load_model
 
     if val_pairs and (work / "best.pt").exists():
@@ -327,12 +415,17 @@ def _finish(work, net, meta, val_pairs, config, output, device) -> LoadedModel:
         net, meta = best.net, {**meta, "validation": best.metadata["validation"]}
     model = LoadedModel(net.eval(), meta, device)
     if val_pairs:
-        allowed = _gate(meta["validation"], config.min_class_gain)
+        proposals = _proposals(model, val_pairs)
+        threshold, table = _choose_threshold(model, val_pairs, proposals, config)
+        model.metadata["guards"] = {**meta["guards"], "threshold": threshold}
+        model.metadata["threshold_choice"] = table
+        logger.info("confidence threshold %.2f chosen on %d held-out pairs", threshold, len(val_pairs))
+        allowed = _gate(_scores(model, val_pairs, proposals, GuardConfig(class_check=False)), config.min_class_gain)
         model.metadata["refine_classes"] = allowed
         dropped = sorted(set(range(NUM_CLASSES)) - set(allowed))
         if dropped:
             logger.warning("per-class check: classes %s got worse on held-out cases and keep raw labels", dropped)
-        model.metadata["validation_gated"] = validate(model, val_pairs)
+        model.metadata["validation_gated"] = _scores(model, val_pairs, proposals, GuardConfig())
     out = Path(output) if output is not None else work / "refnet.pt"
     save_model(out, model.net, metadata=model.metadata)
     logger.info("saved RefNet model to %s", out)

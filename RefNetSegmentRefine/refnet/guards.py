@@ -1,0 +1,136 @@
+"""Guards: pure label-map steps that stop a refinement from doing harm.
+
+Each guard takes the raw labels and a candidate refinement and returns a new candidate in which some
+changes are undone, plus how many voxels it held back. A refiner that invents organs, moves voxels
+far from any boundary the base model drew, or flips voxels it is unsure about is worse than none;
+these steps make such changes impossible whatever the net predicts. Each can be switched off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+__all__ = [
+    "GUARD_NAMES",
+    "GuardConfig",
+    "keep_classes",
+    "limit_to_band",
+    "limit_to_confident",
+    "remove_new_components",
+]
+
+GUARD_NAMES = ("absent_classes", "class_check", "confidence", "band", "new_components")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Which guards run (all by default); None values come from the model file."""
+
+    absent_classes: bool = True  # never introduce a class the input does not have
+    class_check: bool = True  # classes that failed the per-class check keep their raw mask
+    confidence: bool = True  # change a voxel only where the net's probability >= threshold
+    band: bool = True  # change only voxels within band_mm of an input boundary
+    new_components: bool = True  # never create a new disconnected piece of an organ
+    band_mm: float | None = None  # width of the band; None: the model file's value
+    threshold: float | None = None  # probability threshold; None: the model file's value
+
+    def __post_init__(self) -> None:
+        if self.band_mm is not None and self.band_mm < 0:
+            raise ValueError(f"band_mm must be >= 0, got {self.band_mm}.")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold}.")
+
+    @classmethod
+    def off(cls) -> GuardConfig:
+        """Every guard off: the net's raw refinement (for ablations)."""
+        return cls(**{name: False for name in GUARD_NAMES})
+
+
+def _revert(raw: np.ndarray, refined: np.ndarray, undo: np.ndarray) -> tuple[np.ndarray, int]:
+    undo = undo & (raw != refined)
+    return np.where(undo, raw, refined).astype(refined.dtype), int(undo.sum())
+
+
+def keep_classes(raw: np.ndarray, refined: np.ndarray, allowed: Sequence[int]) -> tuple[np.ndarray, int]:
+    """Undo every change that touches a class outside ``allowed`` (per-class check).
+
+    Args:
+        raw, refined: integer label maps of one shape.
+        allowed: class indices that may gain or lose voxels.
+
+    Returns:
+        ``(labels, held_back)``: new array of ``refined``'s dtype and the voxels put back.
+    """
+    ok = np.isin(raw, list(allowed)) & np.isin(refined, list(allowed))
+    return _revert(raw, refined, ~ok)
+
+
+def limit_to_confident(raw: np.ndarray, refined: np.ndarray, confidence: np.ndarray,
+                       threshold: float) -> tuple[np.ndarray, int]:
+    """Undo changes where the net's probability of the new label is below ``threshold``.
+
+    Args:
+        confidence: float array of ``raw``'s shape, the probability of ``refined``'s label.
+    """
+    return _revert(raw, refined, confidence < threshold)
+
+
+def _boundary(labels: np.ndarray) -> np.ndarray:
+    """Voxels with a face neighbour of another label (both sides of every interface)."""
+    edge = np.zeros(labels.shape, dtype=bool)
+    for axis in range(labels.ndim):
+        lo = [slice(None)] * labels.ndim
+        hi = [slice(None)] * labels.ndim
+        lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+        diff = labels[tuple(lo)] != labels[tuple(hi)]
+        edge[tuple(lo)] |= diff
+        edge[tuple(hi)] |= diff
+    return edge
+
+
+def limit_to_band(raw: np.ndarray, refined: np.ndarray, spacing: Sequence[float],
+                  band_mm: float) -> tuple[np.ndarray, int]:
+    """Undo changes farther than ``band_mm`` from every boundary of ``raw`` (3D, in mm).
+
+    The distance transform runs only over the box of changed voxels plus the band, so its cost
+    follows the size of the changes, not of the volume.
+
+    Args:
+        spacing: voxel size in mm along each axis of the arrays.
+    """
+    changed = raw != refined
+    if not changed.any():
+        return refined.copy(), 0
+    pad = [int(np.ceil(band_mm / s)) + 1 for s in spacing]
+    nz = np.nonzero(changed)
+    box = tuple(slice(max(0, int(i.min()) - p), min(n, int(i.max()) + 1 + p))
+                for i, p, n in zip(nz, pad, raw.shape))
+    edge = _boundary(raw[box])
+    far = np.ones(raw.shape, dtype=bool)
+    if edge.any():
+        far[box] = ndimage.distance_transform_edt(~edge, sampling=spacing) > band_mm
+    return _revert(raw, refined, far)
+
+
+def remove_new_components(raw: np.ndarray, refined: np.ndarray) -> tuple[np.ndarray, int]:
+    """Undo every connected piece of an organ (26-connectivity) that does not touch its raw mask.
+
+    Background is left alone: a refinement may still open a gap, but never adds an island.
+    """
+    out = refined.copy()
+    held = 0
+    structure = np.ones((3,) * raw.ndim, dtype=bool)
+    for c in np.unique(refined[raw != refined]):
+        if c == 0:
+            continue
+        comps, _ = ndimage.label(refined == c, structure=structure)
+        touching = np.unique(comps[(raw == c) & (comps > 0)])
+        new = np.isin(comps, touching, invert=True) & (comps > 0)
+        if new.any():
+            out, count = _revert(raw, out, new)
+            held += count
+    return out, held
