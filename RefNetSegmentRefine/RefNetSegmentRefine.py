@@ -28,6 +28,7 @@ import os
 import pathlib
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import slicer
@@ -41,6 +42,11 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 from slicer.util import VTKObservationMixin
+
+if TYPE_CHECKING:  # refnet.refine imports torch, which may not be installed yet
+    from refnet.guards import GuardConfig
+    from refnet.refine import RefineReport
+    from refnet.refine import RefineResult as CoreRefineResult
 
 MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 REQUIREMENTS_PATH = os.path.join(MODULE_DIR, "Resources", "requirements.txt")
@@ -127,6 +133,7 @@ class RefNetSegmentRefineParameterNode:
     useDefaultModel - use the model shipped with the extension.
     modelPath - a RefNet model file, when useDefaultModel is off.
     device - where the net runs.
+    safetyGuards - run every guard (refnet.guards); unticked: the net's raw refinement.
     showChanges - highlight the voxels RefNet changed.
     """
 
@@ -135,6 +142,7 @@ class RefNetSegmentRefineParameterNode:
     useDefaultModel: bool = True
     modelPath: pathlib.Path
     device: Device = Device.AUTO
+    safetyGuards: bool = True
     showChanges: bool = False
 
 
@@ -246,13 +254,16 @@ class RefNetSegmentRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         with slicer.util.tryWithErrorDisplay("RefNet refinement failed."):
             if not self._ensureDependencies():
                 return
+            from refnet.guards import GuardConfig
             from refnet.refine import RefinementCancelled
 
             p = self._parameterNode
             self._setRunning(True)
             try:
                 self._result = self.logic.refine(p.inputSegmentation, p.inputVolume, modelPath=self._modelPath(),
-                                                 device=p.device.value, progressCallback=self._onProgress)
+                                                 device=p.device.value,
+                                                 guards=None if p.safetyGuards else GuardConfig.off(),
+                                                 progressCallback=self._onProgress)
             except RefinementCancelled:
                 self._showStatus("Cancelled: nothing was created or changed.")
                 return
@@ -297,6 +308,7 @@ class RefNetSegmentRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._cancelRequested = False
         self.ui.inputsCollapsibleButton.enabled = not running
         self.ui.modelCollapsibleButton.enabled = not running
+        self.ui.advancedCollapsibleButton.enabled = not running
         self.ui.refineButton.enabled = not running
         self.ui.progressBar.value = 0
         self.ui.progressBar.setVisible(running)
@@ -356,7 +368,11 @@ class RefineResult:
         unmatchedSegments: names of the segments copied unchanged.
         seconds: run time of the whole refinement.
         device: where the net ran.
-        report: the status text (run time, changed voxels per organ, passed-through segments).
+        report: the status text (run time, changed voxels per organ, voxels each guard held back,
+            warnings, passed-through segments).
+        refineReport: the core's :class:`refnet.refine.RefineReport` (``held_back`` per guard,
+            ``warnings``, ``to_dict()``), or None.
+        guards: the :class:`refnet.guards.GuardConfig` used, or None.
     """
 
     outputNode: object
@@ -367,6 +383,8 @@ class RefineResult:
     seconds: float = 0.0
     device: str = "cpu"
     report: str = ""
+    refineReport: RefineReport | None = None
+    guards: GuardConfig | None = None
 
 
 class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
@@ -584,21 +602,39 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
 
     # --- refinement
 
-    def refineArrays(self, labels: np.ndarray, affine: np.ndarray, ct: np.ndarray | None = None, *,
-                     model=None, modelPath: str | None = None, device: str = "auto",
-                     labelScheme: str = "refnet", progressCallback=None) -> np.ndarray:
-        """Refine an (I, J, K) label map (+ CT) given as numpy arrays: the path batch scripts use.
+    def refineArraysWithReport(self, labels: np.ndarray, affine: np.ndarray, ct: np.ndarray | None = None, *,
+                               model=None, modelPath: str | None = None, device: str = "auto",
+                               labelScheme: str = "refnet", guards: GuardConfig | None = None,
+                               progressCallback=None) -> CoreRefineResult:
+        """Refine an (I, J, K) label map (+ CT) given as numpy arrays, with the report: the batch script's path.
 
-        Same code as plain Python (:func:`refnet.batch.refine_label_map`); ``model`` defaults to
-        :meth:`loadModel` ``(modelPath, device)``. Returns a new array; the inputs are not modified.
+        Same code as plain Python (:func:`refnet.batch.refine_label_map_with_report`); ``model`` defaults
+        to :meth:`loadModel` ``(modelPath, device)``; ``guards`` is a :class:`refnet.guards.GuardConfig`
+        (None: every guard on, the model file's values). The inputs are not modified.
+
+        Returns:
+            A :class:`refnet.refine.RefineResult`: ``labels`` (new array, input's scheme) and ``report``
+            (changes per class, voxels held back per guard, warnings).
         """
-        from refnet.batch import refine_label_map
+        from refnet.batch import refine_label_map_with_report
+        from refnet.refine import RefineConfig
 
         model = model or self.loadModel(modelPath, device)
-        return refine_label_map(labels, affine, ct, model=model, scheme=labelScheme, progress=progressCallback)
+        config = RefineConfig() if guards is None else RefineConfig(guards=guards)
+        return refine_label_map_with_report(labels, affine, ct, model=model, scheme=labelScheme, config=config,
+                                            progress=progressCallback)
+
+    def refineArrays(self, labels: np.ndarray, affine: np.ndarray, ct: np.ndarray | None = None, *,
+                     model=None, modelPath: str | None = None, device: str = "auto",
+                     labelScheme: str = "refnet", guards: GuardConfig | None = None,
+                     progressCallback=None) -> np.ndarray:
+        """:meth:`refineArraysWithReport` without the report: the refined (I, J, K) array alone."""
+        return self.refineArraysWithReport(labels, affine, ct, model=model, modelPath=modelPath, device=device,
+                                           labelScheme=labelScheme, guards=guards,
+                                           progressCallback=progressCallback).labels
 
     def refine(self, segmentationNode, volumeNode=None, *, modelPath: str | None = None, device: str = "auto",
-               progressCallback=None) -> RefineResult:
+               guards: GuardConfig | None = None, progressCallback=None) -> RefineResult:
         """Refine a segmentation into a new node "<name> refined"; the input node is never modified.
 
         Args:
@@ -606,6 +642,8 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
             volumeNode: its CT (default: the segmentation's reference volume); sets the voxel grid.
             modelPath: RefNet model file; None uses the shipped model.
             device: "auto" (GPU if available), "cuda" or "cpu".
+            guards: :class:`refnet.guards.GuardConfig`; None runs every guard with the model file's values,
+                ``GuardConfig.off()`` none. The status text lists what each guard held back.
             progressCallback: ``progressCallback(done, total)`` per slice batch; return False to cancel.
 
         Raises:
@@ -613,9 +651,11 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
                 for other classes.
             refnet.refine.RefinementCancelled: cancelled; nothing was created.
         """
+        from refnet.guards import GuardConfig
         from refnet.segments import class_changes, compose_class_map, format_report, match_segments
 
         self._requireDependencies()
+        guards = guards or GuardConfig()
         volumeNode = self.checkInputs(segmentationNode, volumeNode)
         model = self.loadModel(modelPath, device)
         segments = self.segmentList(segmentationNode)
@@ -632,14 +672,16 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
         raw = compose_class_map(masks, matched)
         affine = self.ijkToRas(volumeNode)
         ct = self._ctArray(volumeNode) if model.uses_ct else None
-        refined = self.refineArrays(raw, affine, ct, model=model, progressCallback=progressCallback)
+        core = self.refineArraysWithReport(raw, affine, ct, model=model, guards=guards,
+                                           progressCallback=progressCallback)
+        refined = core.labels
         outputNode = self._buildOutput(segmentationNode, volumeNode, ids, masks, matched, refined, affine)
         changes, seconds = class_changes(raw, refined), time.perf_counter() - start
         report = format_report(changes, seconds=seconds, device=str(model.device), unmatched=unmatched,
-                               unassigned=self._unassigned(refined, matched))
+                               unassigned=self._unassigned(refined, matched), report=core.report, guards=guards)
         self.log(report)
         return RefineResult(outputNode, volumeNode, raw != refined, changes, unmatched, seconds,
-                            str(model.device), report)
+                            str(model.device), report, core.report, guards)
 
     def _buildOutput(self, segmentationNode, volumeNode, ids, masks, matched, refined, affine):
         from refnet.segments import split_class_map
@@ -727,6 +769,7 @@ class RefNetSegmentRefineTest(ScriptedLoadableModuleTest):
         lesion = segmentationNode.GetSegmentation().GetSegmentIdBySegmentName("Lesion")
         np.testing.assert_array_equal(arrayFrom(outputNode, lesion, volumeNode), before[lesion])  # passed through
         self.assertIn("Lesion", result.report)
+        self.assertIn("Guards held back", result.report)
         self.delayDisplay("Test passed")
 
     def _phantomNodes(self):

@@ -6,6 +6,7 @@ replaced by refnet.io here, so reading through Slicer is not tested.
 """
 
 import importlib.util
+import json
 import logging
 import runpy
 import sys
@@ -14,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from refnet import batch
-from refnet.checkpoint import load_model
+from refnet.checkpoint import GUARD_DEFAULTS, load_model
+from refnet.guards import GUARD_NAMES, GuardConfig
 from refnet.io import load_volume, save_volume
 
 from .conftest import make_model_file
@@ -103,6 +105,12 @@ def test_find_cases_missing_folder(tmp_path):
     (["--input", "IN", "--output", "IN"], "must differ from --input"),
     (["--input", "IN", "--output", "OUT", "--model", "none.pt"], "no such file"),
     (["--input", "IN", "--output", "OUT", "--label-scheme", "nnunet"], "invalid choice"),
+    (["--input", "IN", "--output", "OUT", "--threshold", "1.5"],
+     "argument --threshold: must be a probability between 0 and 1, got 1.5"),
+    (["--input", "IN", "--output", "OUT", "--band-mm", "nan"], "argument --band-mm: must be a finite distance"),
+    (["--input", "IN", "--output", "OUT", "--disable-guard", "bands"], "argument --disable-guard: invalid choice"),
+    (["--input", "IN", "--output", "OUT", "--disable-guard", "band", "--band-mm", "4"],
+     "--band-mm sets the band guard, which --disable-guard turns off"),
 ])
 def test_parse_args_rejects_bad_input(tmp_path, capsys, extra, message):
     (tmp_path / "IN").mkdir()
@@ -113,7 +121,32 @@ def test_parse_args_rejects_bad_input(tmp_path, capsys, extra, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("extra", "expected"), [
+    ([], GuardConfig()),
+    (["--disable-guard", "band"], GuardConfig(band=False)),
+    (["--disable-guard", "band", "confidence", "--disable-guard", "absent_classes"],
+     GuardConfig(absent_classes=False, confidence=False, band=False)),
+    (["--disable-guard", "all"], GuardConfig.off()),
+    (["--band-mm", "2.5", "--threshold", "0"], GuardConfig(band_mm=2.5, threshold=0.0)),
+])
+def test_guard_options_build_the_guard_config(tmp_path, extra, expected):
+    (tmp_path / "IN").mkdir()
+    args = batch.parse_args(["--input", str(tmp_path / "IN"), "--output", str(tmp_path / "OUT"), *extra])
+    assert batch.guard_config(args) == expected
+
+
+def test_guard_settings_resolve_the_model_values(model_file):
+    model = load_model(model_file)
+    assert batch.guard_settings(GuardConfig(band=False, threshold=0.8), model) == {
+        **dict.fromkeys(GUARD_NAMES, True), "band": False, "band_mm": GUARD_DEFAULTS["band_mm"], "threshold": 0.8}
+    assert batch.guard_settings(GuardConfig())["band_mm"] is None  # no model: left to the model file
+
+
 # ---------------------------------------------------------------------------------------------- run_batch
+
+
+def _summary(out):
+    return json.loads((Path(out) / batch.SUMMARY_FILE).read_text())
 
 
 def _identity(labels, affine, ct):
@@ -135,6 +168,14 @@ def test_run_batch_writes_skips_and_records_failures(tmp_path):
     assert "2 done, 1 skipped (output exists), 1 failed" in summary.format()
     np.testing.assert_array_equal(load_volume(out / "a.nii.gz").array, _labels(0))
     assert load_volume(out / "b.nii.gz").array.shape == (2, 2, 2)  # not overwritten
+    written = _summary(out)
+    assert (written["done"], written["skipped"], written["failed"], written["guards"]) == (2, 1, 1, None)
+    assert [(c["case"], c["status"]) for c in written["cases"]] == [
+        ("a.nii.gz", "done"), ("b.nii.gz", "skipped"), ("c.nii.gz", "done"), ("x.nii.gz", "failed")]
+    assert written["cases"][1]["reason"] == "output exists"
+    assert written["cases"][3]["reason"].startswith("FileNotFoundError")
+    assert written["cases"][0]["report"] is None  # a refiner that returns a bare array has no report
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz", "c.nii.gz", batch.SUMMARY_FILE]
 
 
 def test_run_batch_write_is_atomic(tmp_path, monkeypatch):
@@ -148,7 +189,9 @@ def test_run_batch_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(io_module.nib, "save", half_write)
     summary = batch.run_batch(batch.find_cases(root), tmp_path / "out", _identity)
     assert summary.failed and "disk full" in summary.failed[0][1]
-    assert list((tmp_path / "out").iterdir()) == []  # no partial output a re-run would take for finished
+    # no partial output a re-run would take for finished; only the summary, which records the failure
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [batch.SUMMARY_FILE]
+    assert _summary(tmp_path / "out")["cases"][0]["status"] == "failed"
     monkeypatch.undo()
     assert batch.run_batch(batch.find_cases(root), tmp_path / "out", _identity).done == ["a.nii.gz"]
 
@@ -164,6 +207,20 @@ def test_load_case_files_checks_ct(tmp_path):
     save_volume(case.ct, np.zeros((3, 3, 3), np.float32), AFFINE)
     with pytest.raises(ValueError, match="another voxel grid"):
         batch.load_case_files(case, needs_ct=True)
+
+
+def test_refine_label_map_with_report_is_refine_label_map_plus_the_report(model_file):
+    from refnet.refine import RefineConfig, RefineReport
+
+    model = load_model(model_file)
+    lab = _labels().astype(np.int16)
+    result = batch.refine_label_map_with_report(lab, AFFINE, model=model)
+    assert isinstance(result.report, RefineReport) and set(result.report.held_back) == set(GUARD_NAMES)
+    assert result.report.held_back["band"] > 0
+    np.testing.assert_array_equal(result.labels, batch.refine_label_map(lab, AFFINE, model=model))
+    free = batch.refine_label_map_with_report(lab, AFFINE, model=model, config=RefineConfig(guards=GuardConfig.off()))
+    assert free.report.held_back == dict.fromkeys(GUARD_NAMES, 0)
+    assert (free.labels != lab).sum() > (result.labels != lab).sum()  # the config reaches the refinement
 
 
 def test_refine_label_map_keeps_the_input_scheme(tmp_path, model_file):
@@ -191,10 +248,49 @@ def test_main_refines_then_resumes(tmp_path, model_file, caplog):
         np.testing.assert_array_equal(written.array, batch.refine_label_map(_labels(seed), AFFINE, model=model))
         np.testing.assert_allclose(written.affine, AFFINE)
     assert "2 done, 0 skipped" in caplog.text
+    assert "Guards held back (voxels, cases refined now): absent classes 0, class check 0" in caplog.text
+    first = _summary(tmp_path / "out")
+    assert first["guards"] == {**dict.fromkeys(GUARD_NAMES, True), **GUARD_DEFAULTS}
+    for entry in first["cases"]:
+        assert entry["status"] == "done" and entry["reason"] is None and entry["guards"] == first["guards"]
+        assert set(entry["report"]["held_back"]) == set(GUARD_NAMES) and entry["report"]["held_back"]["band"] > 0
+        assert entry["report"]["changed"]["Liver"][0] > 0 and entry["report"]["warnings"]
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        assert batch.main(argv) == 0
+        assert batch.main([*argv, "--disable-guard", "band"]) == 0
     assert "0 done, 2 skipped" in caplog.text
+    resumed = _summary(tmp_path / "out")
+    assert resumed["guards"]["band"] is False  # this run's settings ...
+    for old, new in zip(first["cases"], resumed["cases"]):  # ... but the skipped cases keep their reports
+        assert new["status"] == "skipped" and "report from the run that refined it" in new["reason"]
+        assert (new["report"], new["guards"]) == (old["report"], old["guards"])
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary file left
+
+
+def test_main_passes_disabled_guards_to_every_case(tmp_path, model_file):
+    root = _dataset(tmp_path / "in", names=("label0001.nii.gz",))
+    argv = ["--input", str(root), "--output", str(tmp_path / "out"), "--model", str(model_file),
+            "--disable-guard", "band", "new_components", "--threshold", "0.55"]
+    assert batch.main(argv) == 0
+    (entry,) = _summary(tmp_path / "out")["cases"]
+    assert entry["guards"] == {**dict.fromkeys(GUARD_NAMES, True), "band": False, "new_components": False,
+                               "band_mm": GUARD_DEFAULTS["band_mm"], "threshold": 0.55}
+    assert entry["report"]["held_back"]["band"] == 0
+    from refnet.refine import RefineConfig
+
+    expected = batch.refine_label_map(_labels(0), AFFINE, model=load_model(model_file), config=RefineConfig(
+        guards=GuardConfig(band=False, new_components=False, threshold=0.55)))
+    np.testing.assert_array_equal(load_volume(tmp_path / "out" / "label0001.nii.gz").array, expected)
+
+
+def test_unreadable_earlier_summary_is_replaced(tmp_path, caplog):
+    root = _dataset(tmp_path / "in", names=("a.nii.gz",))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / batch.SUMMARY_FILE).write_text("{not json")
+    with caplog.at_level(logging.WARNING):
+        batch.run_batch(batch.find_cases(root), tmp_path / "out", _identity)
+    assert "unreadable" in caplog.text
+    assert _summary(tmp_path / "out")["cases"][0]["status"] == "done"
 
 
 def test_main_fails_cases_without_ct_for_a_ct_model(tmp_path, caplog):
@@ -282,7 +378,29 @@ def test_script_refines_through_the_module_logic(tmp_path, model_file, standin, 
     np.testing.assert_array_equal(load_volume(tmp_path / "out" / "label0001.nii.gz").array,
                                   batch.refine_label_map(_labels(0), AFFINE, model=model))
     assert "2 done" in caplog.text
+    cases = _summary(tmp_path / "out")["cases"]
+    assert [c["status"] for c in cases] == ["done", "done"]
+    assert all(set(c["report"]["held_back"]) == set(GUARD_NAMES) for c in cases)
     assert script.main(argv) == 0  # resumed: everything skipped
+
+
+def test_script_passes_the_guard_options_to_the_logic(tmp_path, model_file, standin, monkeypatch):
+    root = _dataset(tmp_path / "in", names=("label0001.nii.gz",))
+    script = _load_script()
+    monkeypatch.setattr(script, "loadCaseWithSlicer", batch.load_case_files)
+    argv = ["s.py", "--", "--input", str(root), "--output", str(tmp_path / "out"), "--model", str(model_file),
+            "--disable-guard", "all"]
+    assert script.main(argv) == 0
+    (entry,) = _summary(tmp_path / "out")["cases"]
+    assert not any(entry["guards"][name] for name in GUARD_NAMES)
+    assert entry["report"]["held_back"] == dict.fromkeys(GUARD_NAMES, 0)
+    from refnet.refine import RefineConfig
+
+    expected = batch.refine_label_map(_labels(0), AFFINE, model=load_model(model_file),
+                                      config=RefineConfig(guards=GuardConfig.off()))
+    np.testing.assert_array_equal(load_volume(tmp_path / "out" / "label0001.nii.gz").array, expected)
+    assert script.main(["s.py", "--", "--input", str(root), "--output", str(tmp_path / "o2"),
+                        "--threshold", "2"]) == 2  # bad value: argparse error, exit 2
 
 
 def test_script_as_main_always_exits_through_slicer(tmp_path, standin, monkeypatch):

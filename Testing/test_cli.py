@@ -1,8 +1,12 @@
+import json
+
 import numpy as np
 import pytest
 import torch
-from refnet.checkpoint import save_model
-from refnet.cli import main
+from refnet.batch import guard_config
+from refnet.checkpoint import GUARD_DEFAULTS, save_model
+from refnet.cli import _parser, main
+from refnet.guards import GUARD_NAMES, GuardConfig
 from refnet.io import load_volume, save_volume
 from refnet.model import RefNet, RefNetConfig
 
@@ -56,6 +60,70 @@ def test_empty_label_map_refines_to_itself(case):
     save_volume(tmp / "empty.nii.gz", np.zeros((8, 8, 4), np.uint8), AFFINE)
     assert _refine({**paths, "labels": tmp / "empty.nii.gz"}, tmp / "e_out.nii.gz") == 0
     assert not load_volume(tmp / "e_out.nii.gz").array.any()
+
+
+def test_refine_prints_the_report_and_writes_it_as_json(case, capsys):
+    tmp, paths, _ = case
+    assert _refine(paths, tmp / "out.nii.gz", "--report", str(tmp / "report.json")) == 0
+    out = capsys.readouterr().out
+    report = json.loads((tmp / "report.json").read_text())
+    assert set(report["held_back"]) == set(GUARD_NAMES)
+    assert report["held_back"]["band"] > 0  # the tiny model grows the liver beyond the band
+    assert report["changed"]["Liver"][0] > 0
+    assert report["guards"] == {**dict.fromkeys(GUARD_NAMES, True), **GUARD_DEFAULTS}  # the model's values, resolved
+    assert "Changed voxels per class: " in out and "Liver +" in out
+    held = ", ".join(f"{name.replace('_', ' ')} {report['held_back'][name]}" for name in GUARD_NAMES)
+    assert f"Guards held back (voxels): {held}." in out
+    assert "Warning: the model file records no training spacing" in out  # spacing warnings reach the user
+    assert report["warnings"] and not list(tmp.glob(".report.json*"))  # written atomically
+
+
+def test_disabled_guard_and_overrides_reach_the_refinement(case, capsys):
+    tmp, paths, _ = case
+    args = _parser().parse_args(["refine", "--labels", "l", "--out", "o", "--disable-guard", "band",
+                                 "--threshold", "0.7"])
+    assert guard_config(args) == GuardConfig(band=False, threshold=0.7)
+    args = _parser().parse_args(["refine", "--labels", "l", "--out", "o", "--disable-guard", "confidence",
+                                 "--disable-guard", "new_components", "band", "--band-mm", "0"])
+    with pytest.raises(ValueError, match="--band-mm sets the band guard"):
+        guard_config(args)
+    args = _parser().parse_args(["refine", "--labels", "l", "--out", "o", "--disable-guard", "all"])
+    assert guard_config(args) == GuardConfig.off()
+
+    assert _refine(paths, tmp / "guarded.nii.gz", "--report", str(tmp / "guarded.json")) == 0
+    assert _refine(paths, tmp / "free.nii.gz", "--disable-guard", "band", "--threshold", "0.6",
+                   "--report", str(tmp / "free.json")) == 0
+    assert "band off" in capsys.readouterr().out
+    guarded, free = (json.loads((tmp / f"{n}.json").read_text()) for n in ("guarded", "free"))
+    assert free["guards"]["band"] is False and free["guards"]["threshold"] == 0.6
+    assert free["held_back"]["band"] == 0 and guarded["held_back"]["band"] > 0
+    assert free["changed"]["Liver"][0] > guarded["changed"]["Liver"][0]  # the band really was off
+    assert (load_volume(tmp / "free.nii.gz").array == 6).sum() > (load_volume(tmp / "guarded.nii.gz").array == 6).sum()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--threshold", "1.5"], "argument --threshold: must be a probability between 0 and 1, got 1.5"),
+    (["--threshold", "high"], "argument --threshold: must be a probability between 0 and 1, got 'high'"),
+    (["--band-mm", "-1"], "argument --band-mm: must be a finite distance >= 0 mm, got -1"),
+    (["--disable-guard", "size"], "argument --disable-guard: invalid choice: 'size'"),
+])
+def test_bad_guard_options_are_argparse_errors(case, capsys, extra, message):
+    tmp, paths, _ = case
+    with pytest.raises(SystemExit) as exc:
+        _refine(paths, tmp / "never.nii.gz", *extra)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp / "never.nii.gz").exists()
+
+
+def test_contradicting_guard_options_and_report_paths_are_refused(case, capsys):
+    tmp, paths, _ = case
+    assert _refine(paths, tmp / "never.nii.gz", "--disable-guard", "confidence", "--threshold", "0.8") == 2
+    assert "refnet refine: error: --threshold sets the confidence guard" in capsys.readouterr().err
+    assert _refine(paths, tmp / "never.nii.gz", "--report", str(tmp / "never.nii.gz")) == 2
+    assert "--report" in capsys.readouterr().err
+    assert not (tmp / "never.nii.gz").exists()
 
 
 def _bad_inputs(tmp, paths):

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from refnet.checkpoint import load_model, save_model
+from refnet.guards import GUARD_NAMES, GuardConfig
 from refnet.model import RefNet, RefNetConfig
-from refnet.refine import RefinementCancelled, refine_labels
+from refnet.refine import RefineConfig, RefinementCancelled, RefineReport, refine_labels
 from refnet.segments import compose_class_map, split_class_map
 
 from .conftest import TINY_FEATURES, make_model_file
@@ -170,6 +171,37 @@ def test_refine_makes_a_new_node_equal_to_the_core_refinement(M, slicer, model_f
     assert slicer.app.layoutManager() is None  # batch-like stand-in: the Logic never needed the layout
 
 
+def test_status_text_reports_what_the_guards_held_back(M, slicer, model_file):
+    ct, seg, _ = _scene(slicer)
+    logic = M.RefNetSegmentRefineLogic()
+    shown = []
+    logic.logCallback = shown.append  # the Widget's status label
+    result = logic.refine(seg, ct, modelPath=str(model_file), device="cpu")
+    report = result.refineReport
+    assert isinstance(report, RefineReport) and result.guards == GuardConfig()
+    assert set(report.held_back) == set(GUARD_NAMES) and report.held_back["band"] > 0
+    held = ", ".join(f"{name.replace('_', ' ')} {report.held_back[name]}" for name in GUARD_NAMES)
+    assert f"Guards held back (voxels): {held}." in result.report
+    assert "Warning: the model file records no training spacing" in result.report  # spacing warnings shown
+    assert shown[-1] == result.report
+    assert M.RefNetSegmentRefineParameterNode.safetyGuards is True  # the "Safety guards" box starts ticked
+
+
+def test_guards_off_gives_the_unguarded_core_refinement(M, slicer, model_file):
+    ct, seg, _ = _scene(slicer)
+    logic = M.RefNetSegmentRefineLogic()
+    guarded = logic.refine(seg, ct, modelPath=str(model_file), device="cpu")
+    free = logic.refine(seg, ct, modelPath=str(model_file), device="cpu", guards=GuardConfig.off())
+    matched = [(mask, c) for (_, _, _, mask), c in zip(SEGMENTS, [6, None, 2, 12, 12]) if c]
+    raw = compose_class_map([m for m, _ in matched], [c for _, c in matched])
+    expected = refine_labels(raw, AFFINE, load_model(model_file), config=RefineConfig(guards=GuardConfig.off()))
+    np.testing.assert_array_equal(free.changes, raw != expected)
+    assert free.changes.sum() > guarded.changes.sum()
+    assert free.refineReport.held_back == dict.fromkeys(GUARD_NAMES, 0)
+    assert ("Guards held back (voxels): absent classes off, class check off, confidence off, band off, "
+            "new components off.") in free.report
+
+
 def test_ct_model_gets_the_ct_in_ijk_order(M, slicer, tmp_path):
     model_file = make_model_file(tmp_path / "ct.pt", ct_channels=1, metadata={"ct_window": [40.0, 400.0]})
     ct, seg, ct_ijk = _scene(slicer, segments=SEGMENTS[:1])
@@ -193,6 +225,15 @@ def test_refine_arrays_is_the_batch_array_path(M, slicer, model_file):
     got = logic.refineArrays(labels, AFFINE, modelPath=str(model_file), device="cpu", labelScheme="btcv")
     np.testing.assert_array_equal(got, refine_label_map(labels, AFFINE, model=load_model(model_file), scheme="btcv"))
     assert logic.loadModel(str(model_file), "cpu") is logic.loadModel(str(model_file), "cpu")  # cached
+    withReport = logic.refineArraysWithReport(labels, AFFINE, modelPath=str(model_file), device="cpu",
+                                              labelScheme="btcv")
+    np.testing.assert_array_equal(withReport.labels, got)
+    assert set(withReport.report.held_back) == set(GUARD_NAMES) and withReport.report.held_back["band"] > 0
+    free = logic.refineArrays(labels, AFFINE, modelPath=str(model_file), device="cpu", labelScheme="btcv",
+                              guards=GuardConfig(band=False))
+    np.testing.assert_array_equal(free, refine_label_map(labels, AFFINE, model=load_model(model_file), scheme="btcv",
+                                                         config=RefineConfig(guards=GuardConfig(band=False))))
+    assert (free != labels).sum() > (got != labels).sum()
 
 
 def test_changes_node_holds_the_changed_voxels(M, slicer, model_file):

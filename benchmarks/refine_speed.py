@@ -1,7 +1,8 @@
-"""Refinement speed at real resolution: labelled-box cropping vs whole slices, and slice batch sizes.
+"""Refinement speed at real resolution: slice batch sizes, guards, and the model's spacing.
 
 Runs on a default-resolution phantom (about 390 x 320 x 45 voxels, 0.7-1.0 mm pixels) with the demo
-RefNet architecture (speed does not depend on the weights). Prints a table and writes JSON; figures
+RefNet architecture (speed does not depend on the weights): at the demo's 1.5 mm model spacing and,
+for comparison, at the phantom's own spacing. Prints a table and writes JSON; figures
 are measured side by side in one run and reported as ratios to the first row.
 
     python benchmarks/refine_speed.py [--device cpu|cuda] [--repeats 2] [--out benchmarks/refine_speed.json]
@@ -19,6 +20,7 @@ import torch
 from refnet.checkpoint import LoadedModel
 from refnet.data.phantoms import PhantomConfig, make_phantom
 from refnet.device import resolve_device
+from refnet.guards import GuardConfig
 from refnet.model import RefNet
 from refnet.pipeline import DemoConfig
 from refnet.refine import RefineConfig, refine_labels
@@ -32,20 +34,24 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     phantom = make_phantom(0, PhantomConfig())
-    model = LoadedModel(RefNet(DemoConfig().train.model).to(device).eval(), {}, device)
-    huge = 10**6  # a margin larger than the volume: every slice, whole in-plane extent
+    train = DemoConfig().train
+    net = RefNet(train.model).to(device).eval()
+    spacing = {"spacing": {"inplane_mm": train.spacing_mm, "context_mm": train.context_mm}}
+    model = LoadedModel(net, spacing, device)
+    native = LoadedModel(net, {"spacing": {"context_mm": train.context_mm}}, device)
     settings = [
-        ("box crop, batch 8 (default)", RefineConfig(batch_size=8)),
-        ("box crop, batch 2", RefineConfig(batch_size=2)),
-        ("box crop, batch 16", RefineConfig(batch_size=16)),
-        ("whole volume, batch 8", RefineConfig(batch_size=8, margin=huge, slice_margin=huge)),
+        (f"{train.spacing_mm} mm, batch 8 (default)", model, RefineConfig(batch_size=8)),
+        (f"{train.spacing_mm} mm, batch 2", model, RefineConfig(batch_size=2)),
+        (f"{train.spacing_mm} mm, batch 16", model, RefineConfig(batch_size=16)),
+        (f"{train.spacing_mm} mm, guards off", model, RefineConfig(guards=GuardConfig.off())),
+        ("native spacing, batch 8", native, RefineConfig(batch_size=8)),
     ]
     rows = []
-    for name, config in settings:
+    for name, mod, config in settings:
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            refine_labels(phantom.labels, phantom.affine, model, config=config)
+            refine_labels(phantom.labels, phantom.affine, mod, config=config)
             times.append(time.perf_counter() - t0)
         rows.append({"setting": name, "seconds": min(times)})
     base = rows[0]["seconds"]

@@ -4,11 +4,13 @@ Usage::
 
     Slicer --no-main-window --python-script RefNetBatchRefine.py -- --input DIR --output DIR
         [--model FILE] [--ct DIR] [--device auto|cpu|cuda] [--label-scheme refnet|btcv|totalsegmentator|flare22|word]
+        [--disable-guard NAME ...] [--band-mm MM] [--threshold P]
 
 Each label map (and, for models that take the CT, its CT) is read with Slicer's readers, refined with
-``RefNetSegmentRefineLogic.refineArrays`` (the same array path as plain Python's
+``RefNetSegmentRefineLogic.refineArraysWithReport`` (the same array path as plain Python's
 ``python -m refnet.batch``) and written atomically to ``--output`` under the same file name; a re-run
-skips cases whose output exists. Case discovery, resume and the summary are :mod:`refnet.batch`'s.
+skips cases whose output exists. Case discovery, resume, the guard options and the summary (logged,
+and written with every case's report to ``--output/refnet_batch_summary.json``) are :mod:`refnet.batch`'s.
 The script always ends with ``slicer.util.exit(status)``: 0 when every case was refined or skipped,
 1 when a case (or the model) failed, 2 for bad arguments.
 
@@ -83,6 +85,7 @@ def main(argv: list[str]) -> int:
                       "`python -m refnet.batch`.", err)
         return 1
     logic = RefNetSegmentRefineLogic()
+    guards = batch.guard_config(args)  # checked by parse_args
     try:
         model = logic.loadModel(str(args.model) if args.model else None, args.device)
         cases = batch.find_cases(args.input, ct_dir=args.ct)
@@ -94,10 +97,13 @@ def main(argv: list[str]) -> int:
         return 1
 
     def refineCase(labels, affine, ct):
-        return logic.refineArrays(labels, affine, ct, model=model, labelScheme=args.label_scheme)
+        return logic.refineArraysWithReport(labels, affine, ct, model=model, labelScheme=args.label_scheme,
+                                            guards=guards)
 
-    summary = batch.run_batch(cases, args.output, refineCase, needs_ct=model.uses_ct, load_case=loadCaseWithSlicer)
+    summary = batch.run_batch(cases, args.output, refineCase, needs_ct=model.uses_ct, load_case=loadCaseWithSlicer,
+                              guards=batch.guard_settings(guards, model))
     logging.info("%s", summary.format())
+    logging.info("Summary with the report of every case: %s", args.output / batch.SUMMARY_FILE)
     return summary.exit_code
 
 

@@ -16,47 +16,74 @@ Case discovery (documented in :func:`find_cases`):
 Each output has the input's file name in ``--output``, is written atomically (temporary file, then
 rename), and a re-run skips cases whose output exists. A failing case is recorded with its reason
 and the run goes on; the exit code is 1 when any case failed.
+
+Guards (:mod:`refnet.guards`) are on by default; ``--disable-guard NAME ...`` turns some off and
+``--band-mm`` / ``--threshold`` override the model file's values (:func:`add_guard_arguments`,
+:func:`guard_config`; ``refnet refine`` takes the same options). Every run (re)writes
+``--output/refnet_batch_summary.json`` atomically after each case: the guard settings used and, per
+case, its status (done, skipped, failed), the reason, the run time and the refinement report
+(voxels changed per class, held back per guard, warnings). A skipped case keeps the report of the
+run that refined it when the earlier summary has one.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
+import math
 import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .guards import GUARD_NAMES, GuardConfig
 from .io import load_volume, save_volume, volume_suffix
 from .labels import LABEL_SCHEMES, from_class_labels, to_class_labels
 
 if TYPE_CHECKING:  # the checkpoint and refine modules import torch; only load them when refining
     from .checkpoint import LoadedModel
-    from .refine import ProgressCallback
+    from .refine import ProgressCallback, RefineConfig, RefineResult
 
 __all__ = [
+    "SUMMARY_FILE",
     "BatchSummary",
     "Case",
+    "add_guard_arguments",
     "build_parser",
     "find_cases",
+    "guard_config",
+    "guard_settings",
     "load_case_files",
     "main",
     "parse_args",
     "refine_label_map",
+    "refine_label_map_with_report",
     "run_batch",
+    "write_json",
 ]
 
 logger = logging.getLogger(__name__)
 
 LoadedCase = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
 """``(labels (I, J, K), affine (4, 4), ct (I, J, K) or None)`` as returned by a case loader."""
-RefineCase = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], np.ndarray]
-"""``refine_case(labels, affine, ct) -> refined labels`` (same shape, dtype and label scheme)."""
+RefineCase = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], "RefineResult | np.ndarray"]
+"""``refine_case(labels, affine, ct) -> RefineResult`` (refined labels in the input's shape, dtype and
+label scheme, plus the report), e.g. :func:`refine_label_map_with_report`; a bare array of refined
+labels is accepted too (the summary then has no report for the case)."""
+
+SUMMARY_FILE = "refnet_batch_summary.json"
+"""Name of the JSON summary :func:`run_batch` writes into the output folder."""
+
+DISABLE_ALL = "all"
+"""``--disable-guard all``: every guard off (the net's raw refinement, for ablations)."""
 
 
 @dataclass(frozen=True)
@@ -70,21 +97,54 @@ class Case:
 
 @dataclass
 class BatchSummary:
-    """What a batch run did, case by case."""
+    """What a batch run did, case by case.
+
+    Attributes:
+        done, skipped: case names refined now / skipped because their output exists.
+        failed: ``(case, reason)`` pairs.
+        cases: one JSON-ready entry per case, in order: ``case``, ``status`` (done, skipped, failed),
+            ``reason`` (None when done), ``seconds``, ``guards`` (settings the case was refined with)
+            and ``report`` (:meth:`refnet.refine.RefineReport.to_dict`, or None).
+        guards: guard settings of this run (see :func:`guard_settings`), or None when unknown.
+    """
 
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (case, reason)
+    cases: list[dict[str, Any]] = field(default_factory=list)
+    guards: dict[str, Any] | None = None
 
     @property
     def exit_code(self) -> int:
         """0 when no case failed, else 1."""
         return 1 if self.failed else 0
 
+    def held_back(self) -> dict[str, int]:
+        """Voxels each guard held back, summed over the cases refined in this run."""
+        total = dict.fromkeys(GUARD_NAMES, 0)
+        for entry in self.cases:
+            if entry["status"] == "done" and entry.get("report"):
+                for name, count in entry["report"].get("held_back", {}).items():
+                    total[name] = total.get(name, 0) + int(count)
+        return total
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON summary: counts, guard settings, and one entry per case."""
+        return {"done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed),
+                "guards": self.guards, "cases": self.cases}
+
     def format(self) -> str:
-        """Multi-line summary: counts, then each failure with its reason."""
+        """Multi-line summary: counts, what the guards held back, warnings, then each failure with its reason."""
         lines = [f"RefNet batch: {len(self.done)} done, {len(self.skipped)} skipped (output exists), "
                  f"{len(self.failed)} failed."]
+        if any(e["status"] == "done" and e.get("report") for e in self.cases):
+            off = {n for n in GUARD_NAMES if self.guards is not None and self.guards.get(n) is False}
+            held = ", ".join(f"{n.replace('_', ' ')} {'off' if n in off else v}" for n, v in self.held_back().items())
+            lines.append(f"  Guards held back (voxels, cases refined now): {held}.")
+            warned = [e["case"] for e in self.cases
+                      if e["status"] == "done" and e.get("report") and e["report"].get("warnings")]
+            if warned:
+                lines.append(f"  Warnings for {len(warned)} case(s): {', '.join(warned)} (see {SUMMARY_FILE}).")
         lines += [f"  FAILED {name}: {reason}" for name, reason in self.failed]
         return "\n".join(lines)
 
@@ -151,16 +211,17 @@ def load_case_files(case: Case, *, needs_ct: bool) -> LoadedCase:
     return labels.array, labels.affine, ct.array
 
 
-def refine_label_map(
+def refine_label_map_with_report(
     labels: np.ndarray,
     affine: np.ndarray,
     ct: np.ndarray | None = None,
     *,
     model: LoadedModel,
     scheme: str = "refnet",
+    config: RefineConfig | None = None,
     progress: ProgressCallback | None = None,
-) -> np.ndarray:
-    """Refine one label map given in any known label scheme; the array path shared by every front.
+) -> RefineResult:
+    """Refine one label map given in any known label scheme, with the report; the path every front shares.
 
     Args:
         labels: (I, J, K) integer label map in ``scheme`` (see :data:`refnet.labels.LABEL_SCHEMES`).
@@ -168,16 +229,82 @@ def refine_label_map(
         ct: (I, J, K) CT in HU, required by CT-conditioned models.
         model: a :class:`refnet.checkpoint.LoadedModel`.
         scheme: label scheme of ``labels`` and of the result.
+        config: streaming and guard settings (default: every guard on, the model file's values).
         progress: ``progress(done, total)``; returning False cancels.
+
+    Returns:
+        A :class:`refnet.refine.RefineResult`: the refined label map (same shape, dtype and scheme;
+        values with no RefNet class are kept) and its report (changes per class, voxels held back
+        per guard, warnings).
+    """
+    from .refine import RefineResult, refine_volume  # torch is imported only when a case is refined
+
+    classes, _ = to_class_labels(np.asarray(labels), scheme)
+    result = refine_volume(classes, affine, model, ct=ct, config=config, progress=progress)
+    return RefineResult(from_class_labels(result.labels, np.asarray(labels), scheme), result.report)
+
+
+def refine_label_map(
+    labels: np.ndarray,
+    affine: np.ndarray,
+    ct: np.ndarray | None = None,
+    *,
+    model: LoadedModel,
+    scheme: str = "refnet",
+    config: RefineConfig | None = None,
+    progress: ProgressCallback | None = None,
+) -> np.ndarray:
+    """:func:`refine_label_map_with_report` without the report: the refined label map alone.
 
     Returns:
         Refined label map, same shape, dtype and scheme; values with no RefNet class are kept.
     """
-    from .refine import refine_labels  # torch is imported only when a case is refined
+    return refine_label_map_with_report(labels, affine, ct, model=model, scheme=scheme, config=config,
+                                        progress=progress).labels
 
-    classes, _ = to_class_labels(np.asarray(labels), scheme)
-    refined = refine_labels(classes, affine, model, ct=ct, progress=progress)
-    return from_class_labels(refined, np.asarray(labels), scheme)
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented JSON atomically (temporary file beside ``path``, then rename).
+
+    numpy scalars and arrays and paths are converted to plain JSON values.
+
+    Returns:
+        The written path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            json.dump(data, file, indent=2, default=_json_default)
+            file.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _earlier_entries(path: Path) -> dict[str, dict[str, Any]]:
+    """Case entries of an earlier run's summary, by case name; empty when there is none or it is unreadable."""
+    if not path.is_file():
+        return {}
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8")).get("cases", [])
+        return {e["case"]: e for e in entries if isinstance(e, dict) and "case" in e}
+    except (OSError, ValueError, AttributeError, TypeError) as err:
+        logger.warning("%s from an earlier run is unreadable (%s); it is replaced.", path.name, err)
+        return {}
 
 
 def run_batch(
@@ -187,40 +314,157 @@ def run_batch(
     *,
     needs_ct: bool = False,
     load_case: Callable[..., LoadedCase] = load_case_files,
+    guards: Mapping[str, Any] | None = None,
+    summary_file: str | None = SUMMARY_FILE,
 ) -> BatchSummary:
     """Refine each case whose output is missing, writing ``output_dir/<case name>`` atomically.
 
     Args:
         cases: from :func:`find_cases`.
         output_dir: created if needed.
-        refine_case: ``refine_case(labels, affine, ct) -> refined`` (e.g. the Slicer Logic's array path).
+        refine_case: ``refine_case(labels, affine, ct) -> RefineResult`` (e.g. the Slicer Logic's array
+            path, or :func:`refine_label_map_with_report`); a bare refined array is accepted too.
         needs_ct: pass the CT to ``refine_case`` (the model takes it as input).
         load_case: ``load_case(case, needs_ct=...) -> (labels, affine, ct)``.
+        guards: the guard settings ``refine_case`` uses (see :func:`guard_settings`), for the summary.
+        summary_file: name of the JSON summary in ``output_dir``, rewritten atomically after every case;
+            None writes none.
 
     Returns:
         The summary; a case's exception becomes a failure with its message, and the run goes on.
     """
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    summary = BatchSummary()
+    summary_path = out_dir / summary_file if summary_file else None
+    earlier = _earlier_entries(summary_path) if summary_path else {}
+    summary = BatchSummary(guards=None if guards is None else dict(guards))
     for number, case in enumerate(cases, start=1):
         target = out_dir / case.name
+        entry: dict[str, Any] = {"case": case.name, "status": "done", "reason": None, "seconds": None,
+                                 "guards": summary.guards, "report": None}
         if target.exists():
             summary.skipped.append(case.name)
-            continue
-        start = time.perf_counter()
-        try:
-            labels, affine, ct = load_case(case, needs_ct=needs_ct)
-            refined = refine_case(labels, affine, ct)
-            save_volume(target, refined, affine)
-        except Exception as err:  # one bad case must not stop the dataset; the reason is reported
-            reason = f"{type(err).__name__}: {err}"
-            summary.failed.append((case.name, reason))
-            logger.warning("case %d/%d %s failed: %s", number, len(cases), case.name, reason)
-            continue
-        summary.done.append(case.name)
-        logger.info("case %d/%d %s refined in %.1f s", number, len(cases), case.name, time.perf_counter() - start)
+            entry.update(status="skipped", reason="output exists", guards=None)
+            previous = earlier.get(case.name) or {}
+            if previous.get("status") in ("done", "skipped") and previous.get("report") is not None:
+                entry.update(reason="output exists; report from the run that refined it",
+                             seconds=previous.get("seconds"), guards=previous.get("guards"),
+                             report=previous["report"])
+        else:
+            _refine_one(case, target, refine_case, needs_ct, load_case, entry)
+            if entry["status"] == "failed":
+                summary.failed.append((case.name, entry["reason"]))
+                logger.warning("case %d/%d %s failed: %s", number, len(cases), case.name, entry["reason"])
+            else:
+                summary.done.append(case.name)
+                note = _report_note(entry["report"])
+                logger.info("case %d/%d %s refined in %.1f s%s", number, len(cases), case.name,
+                            entry["seconds"], note)
+        summary.cases.append(entry)
+        if summary_path is not None:
+            _write_summary(summary_path, summary)
     return summary
+
+
+def _refine_one(case: Case, target: Path, refine_case: RefineCase, needs_ct: bool,
+                load_case: Callable[..., LoadedCase], entry: dict[str, Any]) -> None:
+    """Load, refine and save one case; fills ``entry`` (status, reason, seconds, report)."""
+    start = time.perf_counter()
+    try:
+        labels, affine, ct = load_case(case, needs_ct=needs_ct)
+        result = refine_case(labels, affine, ct)
+        refined, report = (result, None) if isinstance(result, np.ndarray) else (result.labels, result.report)
+        save_volume(target, refined, affine)
+    except Exception as err:  # one bad case must not stop the dataset; the reason is reported
+        entry.update(status="failed", reason=f"{type(err).__name__}: {err}")
+        return
+    finally:
+        entry["seconds"] = round(time.perf_counter() - start, 3)
+    entry["report"] = None if report is None else report.to_dict()
+
+
+def _report_note(report: Mapping[str, Any] | None) -> str:
+    if not report:
+        return ""
+    held = {k: v for k, v in report.get("held_back", {}).items() if v}
+    changed = sum(a + r for a, r in report.get("changed", {}).values())
+    text = f"; {changed} voxel changes"
+    text += f", guards held back {', '.join(f'{k} {v}' for k, v in held.items())}" if held else ""
+    return text  # warnings were logged by refine_volume itself
+
+
+def _write_summary(path: Path, summary: BatchSummary) -> None:
+    try:
+        write_json(path, summary.to_dict())
+    except OSError as err:  # the refined files matter more than the summary; say so and go on
+        logger.warning("could not write %s: %s", path, err)
+
+
+def _non_negative_mm(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of millimetres, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite distance >= 0 mm, got {text}")
+    return value
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a probability between 0 and 1, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be a probability between 0 and 1, got {text}")
+    return value
+
+
+def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the guard options shared by ``refnet refine`` and the batch command lines.
+
+    ``--disable-guard NAME [NAME ...]`` (repeatable; names from :data:`refnet.guards.GUARD_NAMES` or
+    ``all``), ``--band-mm MM`` and ``--threshold P``; read them back with :func:`guard_config`.
+    """
+    group = parser.add_argument_group("guards", "Every guard is on by default and reported in the output.")
+    group.add_argument("--disable-guard", nargs="+", action="extend", default=[], metavar="NAME",
+                       choices=(*GUARD_NAMES, DISABLE_ALL),
+                       help=f"turn guards off: {', '.join(GUARD_NAMES)}, or {DISABLE_ALL} (the net's raw output)")
+    group.add_argument("--band-mm", type=_non_negative_mm, default=None, metavar="MM",
+                       help="band guard: change only voxels within MM of an input boundary (default: the model's)")
+    group.add_argument("--threshold", type=_probability, default=None, metavar="P",
+                       help="confidence guard: change a voxel only where the net's probability >= P "
+                            "(default: the model's)")
+
+
+def guard_config(args: argparse.Namespace) -> GuardConfig:
+    """The :class:`refnet.guards.GuardConfig` of parsed :func:`add_guard_arguments` options.
+
+    Raises:
+        ValueError: ``--band-mm`` or ``--threshold`` given for a guard that is disabled.
+    """
+    off = set(args.disable_guard or ())
+    if DISABLE_ALL in off:
+        off = set(GUARD_NAMES)
+    for option, guard, value in (("--band-mm", "band", args.band_mm), ("--threshold", "confidence", args.threshold)):
+        if value is not None and guard in off:
+            raise ValueError(f"{option} sets the {guard} guard, which --disable-guard turns off; drop one of them.")
+    return GuardConfig(**{name: name not in off for name in GUARD_NAMES}, band_mm=args.band_mm,
+                       threshold=args.threshold)
+
+
+def guard_settings(guards: GuardConfig, model: LoadedModel | None = None) -> dict[str, Any]:
+    """Guard settings as plain values for reports: on/off per guard, ``band_mm`` and ``threshold``.
+
+    Args:
+        guards: the configuration used.
+        model: resolves ``band_mm`` / ``threshold`` left at None to the model file's values.
+    """
+    settings = dataclasses.asdict(guards)
+    if model is not None:
+        for name in ("band_mm", "threshold"):
+            settings[name] = model.guard_setting(name, guards)
+    return settings
 
 
 def build_parser(prog: str = "refnet-batch") -> argparse.ArgumentParser:
@@ -234,6 +478,7 @@ def build_parser(prog: str = "refnet-batch") -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda or cuda:N")
     parser.add_argument("--label-scheme", default="refnet", choices=sorted(LABEL_SCHEMES),
                         help="numbering of the input label maps (default: refnet)")
+    add_guard_arguments(parser)
     return parser
 
 
@@ -248,6 +493,10 @@ def parse_args(argv: Sequence[str], *, prog: str = "refnet-batch") -> argparse.N
         parser.error("--output must differ from --input: RefNet never writes over the input label maps.")
     if args.model is not None and not args.model.is_file():
         parser.error(f"--model {args.model}: no such file.")
+    try:
+        guard_config(args)
+    except ValueError as err:
+        parser.error(str(err))
     return args
 
 
@@ -277,11 +526,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("RefNet batch: no label maps (.nii, .nii.gz, .nrrd) found in %s.", args.input)
         return 1
 
-    def refine_case(labels, affine, ct):
-        return refine_label_map(labels, affine, ct, model=model, scheme=args.label_scheme)
+    from .refine import RefineConfig
 
-    summary = run_batch(cases, args.output, refine_case, needs_ct=model.uses_ct)
+    guards = guard_config(args)
+    config = RefineConfig(guards=guards)
+
+    def refine_case(labels, affine, ct):
+        return refine_label_map_with_report(labels, affine, ct, model=model, scheme=args.label_scheme, config=config)
+
+    summary = run_batch(cases, args.output, refine_case, needs_ct=model.uses_ct,
+                        guards=guard_settings(guards, model))
     logger.info("%s", summary.format())
+    logger.info("Summary with the report of every case: %s", args.output / SUMMARY_FILE)
     return summary.exit_code
 
 

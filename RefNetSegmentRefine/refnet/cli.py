@@ -88,14 +88,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_refine(args: argparse.Namespace) -> int:
+    from .batch import guard_config, guard_settings, refine_label_map_with_report, write_json
     from .checkpoint import load_model
     from .io import load_volume, save_volume
-    from .labels import from_class_labels, to_class_labels
-    from .refine import RefineConfig, refine_labels
+    from .refine import RefineConfig
+    from .segments import format_guards
 
+    guards = guard_config(args)
     out = Path(args.out)
-    if out.resolve() in {Path(args.labels).resolve(), *([Path(args.ct).resolve()] if args.ct else [])}:
+    inputs = {Path(args.labels).resolve(), *([Path(args.ct).resolve()] if args.ct else [])}
+    if out.resolve() in inputs:
         raise ValueError(f"--out {out} is one of the inputs; choose a new file so the input is kept.")
+    if args.report and Path(args.report).resolve() in {*inputs, out.resolve()}:
+        raise ValueError(f"--report {args.report} is one of the volumes; choose a new .json file.")
     if out.exists() and not args.overwrite:
         raise ValueError(f"--out {out} already exists; pass --overwrite to replace it or choose another name.")
     labels = load_volume(args.labels)
@@ -104,12 +109,18 @@ def _cmd_refine(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.ct} and {args.labels} are on different grids (shape {ct.array.shape} vs "
                          f"{labels.array.shape}); resample the label map onto the CT first.")
     model = load_model(args.model, device=args.device)
-    classes, _unmapped = to_class_labels(labels.array, args.label_scheme)
-    refined = refine_labels(classes, labels.affine, model, ct=None if ct is None else ct.array,
-                            config=RefineConfig(batch_size=args.batch_size))
-    result = from_class_labels(refined, labels.array, args.label_scheme)
-    save_volume(out, result, labels.affine)
-    logger.info("refined %s -> %s (%d voxels changed)", args.labels, out, int((result != labels.array).sum()))
+    result = refine_label_map_with_report(labels.array, labels.affine, None if ct is None else ct.array,
+                                          model=model, scheme=args.label_scheme,
+                                          config=RefineConfig(batch_size=args.batch_size, guards=guards))
+    save_volume(out, result.labels, labels.affine)
+    report = result.report
+    changed = ", ".join(f"{name} +{a} -{r}" for name, (a, r) in report.changed.items()) or "none"
+    print(f"refined {args.labels} -> {out} ({int((result.labels != labels.array).sum())} voxels changed)")
+    print(f"Changed voxels per class: {changed}.")
+    print("\n".join(format_guards(report, guards)))
+    if args.report:
+        write_json(args.report, {**report.to_dict(), "guards": guard_settings(guards, model)})
+        print(f"report written to {args.report}")
     return 0
 
 
@@ -147,6 +158,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     from . import __version__
+    from .batch import add_guard_arguments
 
     p = argparse.ArgumentParser(prog="refnet", description="Refine 3D segmentations with RefNet.")
     p.add_argument("--version", action="version", version=f"refnet {__version__}")
@@ -159,7 +171,7 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("phantoms", parents=[common], help="generate synthetic abdominal CT phantoms (BTCV layout)")
     s.add_argument("--out", required=True, help="output dataset folder")
-    s.add_argument("--train", type=_positive_int, default=13, help="training cases (default 13, as the demo)")
+    s.add_argument("--train", type=_positive_int, default=15, help="training cases (default 15, as the demo)")
     s.add_argument("--test", type=_positive_int, default=6, help="test cases (default 6, as the demo)")
     s.add_argument("--preset", choices=("demo", "full"), default="demo", help="demo: coarse grid for CPU")
     s.add_argument("--seed", type=int, default=0)
@@ -199,6 +211,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="label values of --labels: refnet, btcv, totalsegmentator, flare22 or word (default refnet)")
     s.add_argument("--batch-size", type=_positive_int, default=8, help="slices per forward pass")
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    s.add_argument("--report", metavar="FILE.json",
+                   help="also write the report (changes per class, voxels held back per guard, warnings, "
+                        "guard settings) as JSON")
+    add_guard_arguments(s)
     s.set_defaults(func=_cmd_refine)
 
     s = sub.add_parser("evaluate", parents=[common], help="Dice of raw vs refined on a dataset split")

@@ -285,7 +285,7 @@ def _to_box(probs, keep, raw_model, plan: _Plan, raw, candidate, confidence) -> 
     raw_t = torch.as_tensor(np.moveaxis(raw, 2, 0), device=p.device)
     changed &= best != raw_t
     top = p.argmax(dim=1)  # what the net would pick with every class allowed
-    absent = (native[:, -1] > 0.5) & (top != raw_t) & ~keep[0, :, 0, 0][top]
+    absent = (top != raw_t) & ~keep[0, :, 0, 0][top]
     candidate[:] = np.moveaxis(torch.where(changed, best, raw_t).cpu().numpy(), 0, 2)
     confidence[:] = np.moveaxis(torch.where(changed, conf, torch.ones_like(conf)).cpu().numpy(), 0, 2)
     return int(absent.sum())

@@ -13,11 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
 
+from .guards import GUARD_NAMES, GuardConfig
 from .labels import CLASSES, NUM_CLASSES, class_index_for_name, class_index_for_terminology
+
+if TYPE_CHECKING:  # refnet.refine imports torch
+    from .refine import RefineReport
 
 __all__ = [
     "ClassChange",
@@ -25,6 +30,7 @@ __all__ = [
     "check_segmentation_grid",
     "class_changes",
     "compose_class_map",
+    "format_guards",
     "format_report",
     "match_segment",
     "match_segments",
@@ -287,6 +293,25 @@ def check_segmentation_grid(
     )
 
 
+def format_guards(report: RefineReport, guards: GuardConfig | None = None) -> list[str]:
+    """Lines on what the guards did and the refinement's warnings, for status texts and summaries.
+
+    Args:
+        report: a :class:`refnet.refine.RefineReport` (its ``held_back`` and ``warnings`` are read).
+        guards: the guard settings used; guards it turns off are shown as "off" instead of a count.
+
+    Returns:
+        ``["Guards held back (voxels): absent classes 0, ..., new components 3.", "Warning: ...", ...]``:
+        every guard of :data:`refnet.guards.GUARD_NAMES` is listed, then one line per warning.
+    """
+    guards = guards or GuardConfig()
+    parts = []
+    for name in GUARD_NAMES:
+        value = "off" if not getattr(guards, name) else str(int(report.held_back.get(name, 0)))
+        parts.append(f"{name.replace('_', ' ')} {value}")
+    return [f"Guards held back (voxels): {', '.join(parts)}.", *(f"Warning: {w.rstrip('.')}." for w in report.warnings)]
+
+
 def format_report(
     changes: Mapping[int, ClassChange],
     *,
@@ -294,14 +319,29 @@ def format_report(
     device: str,
     unmatched: Sequence[str] = (),
     unassigned: Mapping[int, int] | None = None,
+    report: RefineReport | None = None,
+    guards: GuardConfig | None = None,
 ) -> str:
-    """One status text: run time, changed voxels per organ, segments passed through, dropped voxels."""
+    """One status text: run time, changed voxels per organ, guards and warnings, passed-through segments,
+    dropped voxels.
+
+    Args:
+        changes: ``{class index: ClassChange}`` (see :func:`class_changes`).
+        seconds: run time.
+        device: where the net ran.
+        unmatched: names of the segments copied unchanged.
+        unassigned: voxels per refined class that no segment maps to.
+        report: the core's :class:`refnet.refine.RefineReport`; adds the :func:`format_guards` lines.
+        guards: the guard settings used (guards turned off are shown as "off").
+    """
     lines = [f"Refined in {seconds:.1f} s on {device}."]
     if changes:
         per_class = ", ".join(f"{CLASSES[c].name} +{ch.added} -{ch.removed}" for c, ch in sorted(changes.items()))
         lines.append(f"Changed voxels: {per_class}.")
     else:
         lines.append("No voxel changed.")
+    if report is not None:
+        lines += format_guards(report, guards)
     if unmatched:
         lines.append(f"Copied unchanged (no matching RefNet class): {', '.join(unmatched)}.")
     if unassigned:

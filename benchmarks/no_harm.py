@@ -1,0 +1,98 @@
+"""No-harm check: refine correct label maps and measure how much the refiner changes them.
+
+(a) Phantom ground truth generated at 0.75, 1.5 and 3 mm in-plane and 1, 2.5 and 5 mm slices;
+(b) real manual label maps (FLARE22, WORD) in ../shared/data/real_labels, at their native spacing,
+read through the flare22 / word label schemes (structures RefNet lacks pass through). Bars (issue
+"Do no harm"): mean organ Dice against the input >= 0.998 (phantoms) and >= 0.995 (real), no
+invented class, no new component. Optionally the same with every guard off, for the ablation.
+
+    python benchmarks/no_harm.py [--model FILE] [--real-dir DIR] [--limit N] [--phantoms-only]
+        [--guards-off] [--out benchmarks/no_harm.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from refnet.checkpoint import load_model
+from refnet.data.phantoms import PhantomConfig, make_phantom
+from refnet.guards import GuardConfig
+from refnet.io import load_volume
+from refnet.no_harm import no_harm_scores
+from refnet.refine import RefineConfig
+
+REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_labels"
+INPLANE_MM = (0.75, 1.5, 3.0)
+SLICE_MM = (1.0, 2.5, 5.0)
+BARS = {"phantom": 0.998, "flare22": 0.995, "word": 0.995}
+
+
+def _cases(args):
+    for i, (s, z) in enumerate((s, z) for s in INPLANE_MM for z in SLICE_MM):
+        yield "phantom", f"phantom {s:g} mm x {z:g} mm", "refnet", lambda s=s, z=z, i=i: _phantom(i, s, z)
+    if args.phantoms_only:
+        return
+    for scheme in ("flare22", "word"):
+        files = sorted((Path(args.real_dir) / scheme).glob("*.nii.gz"))[: args.limit or None]
+        for f in files:
+            yield scheme, f.name.replace(".nii.gz", ""), scheme, lambda f=f: _file(f)
+
+
+def _phantom(seed: int, inplane: float, slices: float):
+    config = PhantomConfig(inplane_spacing_mm=(inplane, inplane), slice_spacing_mm=(slices, slices))
+    ph = make_phantom(100 + seed, config)
+    return ph.labels, ph.affine
+
+
+def _file(path: Path):
+    vol = load_volume(path)
+    return vol.array, vol.affine
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", help="RefNet model file (default: the shipped model)")
+    parser.add_argument("--real-dir", default=str(REAL_DIR), help="folder with flare22/ and word/")
+    parser.add_argument("--limit", type=int, default=0, help="real cases per dataset (0: all)")
+    parser.add_argument("--phantoms-only", action="store_true")
+    parser.add_argument("--guards-off", action="store_true", help="every guard off (ablation)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    args = parser.parse_args()
+    model = load_model(args.model, device=args.device)
+    config = RefineConfig(guards=GuardConfig.off() if args.guards_off else GuardConfig())
+    rows = []
+    print(f"{'group':<9}{'case':<26}{'mean Dice':>10}{'min Dice':>10}{'changed %':>10}{'invented':>9}"
+          f"{'new comp':>9}{'s':>6}")
+    for group, name, scheme, load in _cases(args):
+        labels, affine = load()
+        t0 = time.perf_counter()
+        scores = no_harm_scores(labels, affine, model, scheme=scheme, config=config)
+        seconds = time.perf_counter() - t0
+        rows.append({"group": group, "case": name, "seconds": round(seconds, 1), **scores})
+        print(f"{group:<9}{name:<26}{scores['mean_dice']:>10.4f}{scores['min_dice']:>10.4f}"
+              f"{100 * scores['changed_fraction']:>10.3f}{len(scores['invented_classes']):>9}"
+              f"{scores['new_components']:>9}{seconds:>6.1f}", flush=True)
+    summary = {}
+    for group in dict.fromkeys(r["group"] for r in rows):
+        sel = [r for r in rows if r["group"] == group]
+        worst = min(r["mean_dice"] for r in sel)
+        summary[group] = {"cases": len(sel), "worst_mean_dice": worst, "mean_mean_dice": round(float(np.mean(
+            [r["mean_dice"] for r in sel])), 5), "invented": sum(len(r["invented_classes"]) for r in sel),
+            "new_components": sum(r["new_components"] for r in sel), "bar": BARS[group],
+            "passes": worst >= BARS[group] and not any(r["invented_classes"] or r["new_components"] for r in sel)}
+    print()
+    for group, s in summary.items():
+        print(f"{group:<9} {s['cases']:>3} cases: worst mean Dice {s['worst_mean_dice']:.4f} (bar {s['bar']}), "
+              f"average {s['mean_mean_dice']:.4f}, invented {s['invented']}, new components {s['new_components']}: "
+              f"{'PASS' if s['passes'] else 'FAIL'}")
+    Path(args.out).write_text(json.dumps({"model": args.model or "shipped", "guards_off": args.guards_off,
+                                          "summary": summary, "cases": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
