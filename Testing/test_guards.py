@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 from refnet.checkpoint import load_model, save_model
-from refnet.guards import GUARD_NAMES, GuardConfig, limit_to_band, remove_new_components
+from refnet.guards import GUARD_NAMES, GuardConfig, limit_to_band, limit_to_confident, remove_new_components
 from refnet.model import RefNet, RefNetConfig
 from refnet.refine import RefineConfig, refine_volume
 from refnet.spacing import InPlaneGrid, context_offsets, resample_image, resample_labels
@@ -172,6 +172,31 @@ def test_resampling_keeps_shapes_and_values():
 def test_guard_config_ill_opts(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GuardConfig(**kwargs)
+
+
+def test_per_class_thresholds_use_the_stricter_class():
+    raw = np.array([0, 0, 6, 6, 1])
+    refined = np.array([6, 1, 0, 1, 1])
+    conf = np.full(5, 0.7, np.float32)
+    thresholds = np.full(13, 0.5)
+    thresholds[1] = 0.8  # spleen: cautious
+    thresholds[6] = 1.0  # liver: never changes
+    out, held = limit_to_confident(raw, refined, conf, thresholds)
+    assert out.tolist() == [0, 0, 6, 6, 1] and held == 4
+    thresholds[6] = 0.6
+    assert limit_to_confident(raw, refined, conf, thresholds)[0].tolist() == [6, 0, 0, 6, 1]
+
+
+def test_model_file_class_thresholds_and_override(tmp_path):
+    per_class = [0.5] * 13
+    per_class[6] = 1.0
+    model = _biased_model(tmp_path, cls=6, guards={"band_mm": 6.0, "threshold": 0.5, "class_thresholds": per_class})
+    lab = _anatomy()
+    frozen = refine_volume(lab, _affine(1.0), model)  # liver may never change: the liver-growing net does nothing
+    np.testing.assert_array_equal(frozen.labels, lab)
+    assert model.class_thresholds(GuardConfig(threshold=0.5)) == [0.5] * 13  # a caller's single value wins
+    grown = refine_volume(lab, _affine(1.0), model, config=RefineConfig(guards=GuardConfig(threshold=0.5)))
+    assert (grown.labels == 6).sum() > (lab == 6).sum()
 
 
 def test_band_guard_unit_leaves_input_alone():

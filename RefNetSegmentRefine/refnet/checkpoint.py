@@ -78,6 +78,13 @@ class LoadedModel:
         value = (self.metadata.get("spacing") or {}).get("context_mm")
         return None if value is None else float(value)
 
+    def class_thresholds(self, guards: Any = None) -> list[float]:
+        """Confidence threshold per class: the caller's single override, else the file's per-class
+        values (chosen on held-out cases), else its single threshold."""
+        if getattr(guards, "threshold", None) is None and (self.metadata.get("guards") or {}).get("class_thresholds"):
+            return [float(t) for t in self.metadata["guards"]["class_thresholds"]]
+        return [self.guard_setting("threshold", guards)] * NUM_CLASSES
+
     def guard_setting(self, name: str, guards: Any = None) -> float:
         """``band_mm`` or ``threshold``: the caller's override, else the model file's, else the default."""
         override = getattr(guards, name, None) if guards is not None else None

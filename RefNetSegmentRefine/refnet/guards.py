@@ -70,13 +70,18 @@ def keep_classes(raw: np.ndarray, refined: np.ndarray, allowed: Sequence[int]) -
 
 
 def limit_to_confident(raw: np.ndarray, refined: np.ndarray, confidence: np.ndarray,
-                       threshold: float) -> tuple[np.ndarray, int]:
-    """Undo changes where the net's probability of the new label is below ``threshold``.
+                       threshold: float | Sequence[float]) -> tuple[np.ndarray, int]:
+    """Undo changes where the net's probability of the new label is below the threshold.
 
     Args:
         confidence: float array of ``raw``'s shape, the probability of ``refined``'s label.
+        threshold: one probability, or one per class; a change from class a to b then needs
+            ``max(threshold[a], threshold[b])``, so a class both keeps and gives up voxels cautiously.
+            A threshold of 1 means the class never changes.
     """
-    return _revert(raw, refined, confidence < threshold)
+    t = np.asarray(threshold, dtype=np.float32)
+    need = t if t.ndim == 0 else np.maximum(t[raw], t[refined])
+    return _revert(raw, refined, (confidence < need) | (need >= 1.0))  # 1: never change
 
 
 def _boundary(labels: np.ndarray) -> np.ndarray:

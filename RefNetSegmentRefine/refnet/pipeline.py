@@ -46,7 +46,7 @@ def _demo_train() -> TrainConfig:
     # with w = 1 the CE terms towards S and GT cancel wherever they disagree, so the net can barely
     # move off the raw labels; the identity start and the per-class check keep it close to S instead.
     # Spacing 1.5 mm, identity pairs, guards and the threshold choice come from TrainConfig's defaults;
-    # 5 held-out cases (of 15) pick the epoch, the threshold and the per-class check.
+    # 5 held-out cases (of 15) pick the epoch, the per-class thresholds and the per-class check.
     return TrainConfig(
         model=RefNetConfig(embed_dim=8, context=1, features=(8, 16, 32, 64, 128, 8)),
         optimizer="rmsprop", lr=3e-3, epochs=16, steps_per_epoch=60, batch_size=16, crop_size=96,

@@ -275,20 +275,19 @@ def _to_box(probs, keep, raw_model, plan: _Plan, raw, candidate, confidence) -> 
     ``probs`` (B, C, U, V) and ``raw_model`` (B, U, V) are on the model grid; a native voxel may change
     only where the net changed the label of the model pixels it is interpolated from.
     """
-    changed_model = ((probs * keep).argmax(dim=1) != raw_model).float()[:, None]  # (B, 1, U, V)
+    changed_model = ((probs * keep).max(dim=1).indices != raw_model).float()[:, None]  # (B, 1, U, V)
     box = plan.box
     lo, hi = (box[0].start, box[1].start), (box[0].stop, box[1].stop)
     native = to_native(torch.cat([probs, changed_model], dim=1), plan.grid, (0, 0), lo, hi)
-    p, changed = native[:, :-1], native[:, -1] > 0.5  # (B, C, X, Y), (B, X, Y)
-    best = (p * keep).argmax(dim=1)  # (B, X, Y)
-    conf = p.gather(1, best[:, None])[:, 0]
+    p = native[:, :-1]  # (B, C, X, Y)
+    conf, best = (p * keep).max(dim=1)  # (B, X, Y); max(dim=1) is several times faster than argmax on CPU
     raw_t = torch.as_tensor(np.moveaxis(raw, 2, 0), device=p.device)
-    changed &= best != raw_t
-    top = p.argmax(dim=1)  # what the net would pick with every class allowed
-    absent = (top != raw_t) & ~keep[0, :, 0, 0][top]
+    changed = (native[:, -1] > 0.5) & (best != raw_t)
+    absent = keep[0, :, 0, 0].logical_not().nonzero()[:, 0]
+    held = int((p[:, absent].amax(dim=1) > conf).sum()) if absent.numel() else 0  # an absent class would win
     candidate[:] = np.moveaxis(torch.where(changed, best, raw_t).cpu().numpy(), 0, 2)
     confidence[:] = np.moveaxis(torch.where(changed, conf, torch.ones_like(conf)).cpu().numpy(), 0, 2)
-    return int(absent.sum())
+    return held
 
 
 def apply_guards(proposal: Proposal, model: LoadedModel, guards: GuardConfig | None = None
@@ -305,8 +304,7 @@ def apply_guards(proposal: Proposal, model: LoadedModel, guards: GuardConfig | N
     if guards.class_check:
         out, held["class_check"] = keep_classes(raw, out, model.refine_classes)
     if guards.confidence:
-        out, held["confidence"] = limit_to_confident(raw, out, proposal.confidence,
-                                                     model.guard_setting("threshold", guards))
+        out, held["confidence"] = limit_to_confident(raw, out, proposal.confidence, model.class_thresholds(guards))
     if guards.band:
         out, held["band"] = limit_to_band(raw, out, proposal.spacing, model.guard_setting("band_mm", guards))
     if guards.new_components:

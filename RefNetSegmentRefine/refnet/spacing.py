@@ -120,9 +120,11 @@ def resample_labels(volume: np.ndarray, grid: InPlaneGrid, span: tuple[tuple[int
         return out
     for k0 in range(0, volume.shape[2], _CHUNK):
         block = torch.from_numpy(np.ascontiguousarray(volume[a0:a1, b0:b1, k0 : k0 + _CHUNK]).astype(np.int64))
-        onehot = F.one_hot(block.permute(2, 0, 1), num_classes).permute(0, 3, 1, 2).float()  # (B, C, a, b)
+        classes = torch.arange(num_classes).view(1, -1, 1, 1)
+        onehot = (block.permute(2, 0, 1)[:, None] == classes).float()  # (B, C, a, b); faster than F.one_hot
         probs = _sample(onehot, rows, cols, (a0, b0), "bilinear", "zeros")  # (B, C, U, V)
-        out[:, :, k0 : k0 + _CHUNK] = probs.argmax(dim=1).permute(1, 2, 0).to(torch.uint8).numpy()
+        # max(dim=1).indices: the same first-maximum argmax, several times faster on CPU than argmax(dim=1)
+        out[:, :, k0 : k0 + _CHUNK] = probs.max(dim=1).indices.permute(1, 2, 0).to(torch.uint8).numpy()
     return out
 
 

@@ -62,6 +62,7 @@ class TrainConfig:
     identity_pairs: bool = True  # also train on (ground truth -> ground truth): correct maps stay as they are
     band_mm: float = 6.0  # the band guard's width stored in the model file
     thresholds: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)  # confidence thresholds tried on held-out cases
+    max_harm: float = 0.002  # Dice a class may lose when held-out ground truth is refined (the no-harm bar 0.998)
     val_every: int = 1  # validate (and keep the best) every N epochs, and after the last
     seed: int = 0
     device: str = "auto"
@@ -230,24 +231,39 @@ def _identity_pairs(pairs: Sequence[TrainingPair]) -> list[TrainingPair]:
     return list(seen.values())
 
 
-def _choose_threshold(model, pairs, proposals, config: TrainConfig) -> tuple[float, list[dict[str, float]]]:
-    """The confidence threshold that best trades held-out gain against harm to correct maps.
+def _per_class(model, pairs, proposals, guards, *, harm: bool) -> np.ndarray:
+    """(C,) mean Dice gain over raw (or, with ``harm``, Dice lost against the target) per class."""
+    scores = []
+    for p, q in zip(pairs, proposals):
+        refined = dice_per_class(_guarded(p, q, model, guards), p.target)
+        scores.append(1.0 - refined if harm else refined - dice_per_class(p.raw, p.target))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nan_to_num(np.nanmean(scores, axis=0))
 
-    Score of a threshold: mean Dice of the refined held-out predictions minus the Dice lost when the
-    held-out ground truth itself is refined (it should come back unchanged). Ties go to the higher
-    threshold, the more cautious one.
+
+def _choose_thresholds(model, pairs, proposals, config: TrainConfig) -> tuple[list[float], list[dict[str, Any]]]:
+    """A confidence threshold per class, chosen on held-out cases for gain without harm.
+
+    For each class, among the thresholds whose Dice loss on the held-out ground truth refined as if it
+    were a prediction stays within ``config.max_harm`` (correct maps must come back unchanged), the one
+    with the largest held-out gain minus harm; ties go to the higher, more cautious threshold. A class
+    no threshold keeps within the bound gets 1.0: it is never changed.
     """
     truth = _identity_pairs(pairs)
     truth_props = _proposals(model, truth)
     table = []
     for t in sorted(config.thresholds):
         guards = GuardConfig(class_check=False, threshold=t)
-        gain = _scores(model, pairs, proposals, guards)["refined"]["mean_dice"]
-        kept = _scores(model, truth, truth_props, guards)["refined"]["mean_dice"]
-        table.append({"threshold": t, "refined_mean_dice": gain, "ground_truth_kept": kept,
-                      "score": round(gain - (1.0 - kept), 5)})
-    best = max(table, key=lambda r: (r["score"], r["threshold"]))
-    return best["threshold"], table
+        gain = _per_class(model, pairs, proposals, guards, harm=False)
+        harm = _per_class(model, truth, truth_props, guards, harm=True)
+        table.append({"threshold": t, "gain": np.round(gain, 5).tolist(), "harm": np.round(harm, 5).tolist()})
+    chosen = []
+    for c in range(NUM_CLASSES):
+        ok = [r for r in table if r["harm"][c] <= config.max_harm]
+        best = max(ok, key=lambda r: (r["gain"][c] - r["harm"][c], r["threshold"]), default=None)
+        chosen.append(1.0 if best is None else best["threshold"])
+    return chosen, table
 
 
 def _at_spacing(pair: TrainingPair, spacing_mm: float | None) -> TrainingPair:
@@ -416,10 +432,10 @@ def _finish(work, net, meta, val_pairs, config, output, device) -> LoadedModel:
     model = LoadedModel(net.eval(), meta, device)
     if val_pairs:
         proposals = _proposals(model, val_pairs)
-        threshold, table = _choose_threshold(model, val_pairs, proposals, config)
-        model.metadata["guards"] = {**meta["guards"], "threshold": threshold}
+        thresholds, table = _choose_thresholds(model, val_pairs, proposals, config)
+        model.metadata["guards"] = {**meta["guards"], "class_thresholds": thresholds}
         model.metadata["threshold_choice"] = table
-        logger.info("confidence threshold %.2f chosen on %d held-out pairs", threshold, len(val_pairs))
+        logger.info("confidence thresholds per class %s chosen on %d held-out pairs", thresholds, len(val_pairs))
         allowed = _gate(_scores(model, val_pairs, proposals, GuardConfig(class_check=False)), config.min_class_gain)
         model.metadata["refine_classes"] = allowed
         dropped = sorted(set(range(NUM_CLASSES)) - set(allowed))
