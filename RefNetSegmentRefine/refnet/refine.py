@@ -371,11 +371,12 @@ def refine_volume(
     canon = np.asarray(canon).astype(np.int64) if canon.dtype.kind not in "ui" else np.asarray(canon)
     proposal = propose(canon, spacing, model, ct=ct_canon, config=config, progress=progress)
     out, report.held_back = apply_guards(proposal, model, config.guards)
+    diff = out != proposal.raw
+    added = np.bincount(out[diff], minlength=len(CLASS_NAMES))
+    removed = np.bincount(proposal.raw[diff], minlength=len(CLASS_NAMES))
     for c, name in enumerate(CLASS_NAMES):
-        added = int(((out == c) & (proposal.raw != c)).sum())
-        removed = int(((proposal.raw == c) & (out != c)).sum())
-        if added or removed:
-            report.changed[name] = [added, removed]
+        if added[c] or removed[c]:
+            report.changed[name] = [int(added[c]), int(removed[c])]
     refined = np.array(canon, copy=True)
     refined[proposal.box] = out
     return RefineResult(reo.backward(refined).astype(labels.dtype, copy=False), report)
