@@ -98,6 +98,23 @@ def test_summarise_false_positives_must_match_the_cases():
         summarise([np.ones(13)], false_positive_ml=[np.zeros(12)])
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dice_per_class_matches_monai(seed):
+    import torch
+    from monai.metrics import compute_dice
+
+    rng = np.random.default_rng(seed)
+    gt = rng.integers(0, 13, (20, 18, 6)).astype(np.uint8)
+    gt[gt == 5] = 0  # one class absent from both maps
+    pred = np.where(rng.random(gt.shape) < 0.3, rng.integers(0, 13, gt.shape), gt).astype(np.uint8)
+    pred[pred == 5] = 0
+    expected = compute_dice(torch.as_tensor(pred.astype(np.int64))[None, None],
+                            torch.as_tensor(gt.astype(np.int64))[None, None],
+                            include_background=True, ignore_empty=True, num_classes=13)[0].double().numpy()
+    np.testing.assert_allclose(dice_per_class(pred, gt), expected, rtol=1e-6)
+    assert np.isnan(dice_per_class(pred, gt)[5])
+
+
 def test_dice_shape_mismatch():
     with pytest.raises(ValueError, match="differs from ground-truth shape"):
         dice_per_class(np.zeros((2, 2)), np.zeros((2, 3)))

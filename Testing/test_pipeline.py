@@ -13,13 +13,14 @@ from refnet.train import TrainConfig
 
 
 def _tiny_demo() -> DemoConfig:
+    coarse = PhantomConfig.demo(inplane_spacing_mm=(5.0, 5.0), slice_spacing_mm=(9.0, 9.0))
     return DemoConfig(
-        train_cases=3, test_cases=1, device="cpu",
-        phantoms=PhantomConfig.demo(inplane_spacing_mm=(5.0, 5.0), slice_spacing_mm=(9.0, 9.0)),
+        train_cases=3, test_cases=1, device="cpu", phantoms=coarse,
+        extra_anatomy=1, extra_phantoms=replace(coarse, deform_mm=16.0, shape_jitter=1.6),
         segmenters=(SegmenterConfig.demo("unet", seed=0, steps=2, features=4, patch_size=(32, 32, 16)),
                     SegmenterConfig.demo("unet", seed=1, steps=1, features=4, patch_size=(32, 32, 16))),
         train=TrainConfig(model=RefNetConfig(features=(4, 4, 8, 8, 16, 4)), lr=1e-3, epochs=1, steps_per_epoch=2,
-                          batch_size=2, crop_size=32, val_cases=1, device="cpu"),
+                          batch_size=2, crop_size=32, val_cases=1, device="cpu", simulated_pairs=1),
     )
 
 
@@ -32,7 +33,8 @@ def test_demo_end_to_end_on_tiny_phantoms(tmp_path):
         assert 0.0 <= written[method]["mean_dice"] <= 1.0
     assert written["raw_source"] == "unet-s0-2"
     assert (tmp_path / "montage.png").stat().st_size > 0
-    assert load_model(tmp_path / "refnet.pt").metadata["training"]["pairs"] == 2 * 3
+    training = load_model(tmp_path / "refnet.pt").metadata["training"]
+    assert training["pairs"] == 2 * 3 and training["extra_maps"] == 1 and training["simulated_pairs"] == 1
     assert len(list((tmp_path / "predictions").iterdir())) == 2
     assert "mean Dice (13 classes): raw" in report(metrics)
     # A second run reuses phantoms, predictions and the finished RefNet checkpoints.

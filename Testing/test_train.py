@@ -85,6 +85,31 @@ def test_training_learns_to_fill_ragged_edges(tmp_path):
         assert t == best["threshold"]
 
 
+def test_simulated_pairs_come_from_training_cases_only_and_are_seeded(tmp_path):
+    from refnet.train import _simulated_pairs
+
+    pairs = [_pair(s) for s in range(3)]
+    sim = _simulated_pairs(pairs, 2, TrainConfig().errors, seed=0)
+    assert [(p.case_id, p.source) for p in sim] == [(c, f"simulated_{n}") for c in range(3) for n in range(2)]
+    assert all(np.array_equal(p.target, pairs[p.case_id].target) for p in sim)
+    assert any((p.raw != p.target).any() for p in sim)
+    again = _simulated_pairs(pairs, 2, TrainConfig().errors, seed=0)
+    assert all(np.array_equal(a.raw, b.raw) for a, b in zip(sim, again))
+    model = train_refnet(pairs, _config(simulated_pairs=2, epochs=1), work_dir=tmp_path)
+    assert model.metadata["training"]["simulated_pairs"] == 2
+    assert model.metadata["training"]["val_cases"] == [2]
+
+
+def test_extra_maps_train_but_are_never_held_out(tmp_path):
+    pairs = [_pair(s) for s in range(3)]
+    extra = [TrainingPair(raw=_pair(9).target, target=_pair(9).target, case_id=100 + i, source="x") for i in range(2)]
+    model = train_refnet(pairs, _config(simulated_pairs=1, epochs=1), work_dir=tmp_path / "a", extra_maps=extra)
+    assert model.metadata["training"]["extra_maps"] == 2
+    assert model.metadata["training"]["val_cases"] == [2]  # the held-out case is a dataset case, not an extra map
+    with pytest.raises(ValueError, match="case ids that the training pairs do not use"):
+        train_refnet(pairs, _config(), work_dir=tmp_path / "b", extra_maps=[pairs[0]])
+
+
 def test_gate_drops_only_classes_that_got_worse():
     raw = [1.0] + [0.8] * 12
     ref = [1.0] + [0.85] * 12
@@ -97,7 +122,8 @@ def test_gate_drops_only_classes_that_got_worse():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"optimizer": "sgd"}, "optimizer must be one of"), ({"crop_size": 40}, "multiple of 16"),
-     ({"lr": 0}, "must be positive"), ({"val_cases": -1}, "val_cases")],
+     ({"lr": 0}, "must be positive"), ({"val_cases": -1}, "val_cases"),
+     ({"simulated_pairs": -1}, "simulated_pairs must be >= 0")],
 )
 def test_config_ill_opts(kwargs, match):
     with pytest.raises(ValueError, match=match):

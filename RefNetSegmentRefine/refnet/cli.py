@@ -71,7 +71,7 @@ def _train_config(args: argparse.Namespace):
 
     config = DemoConfig().train if args.preset == "demo" else TrainConfig()
     overrides = {k: getattr(args, k) for k in ("optimizer", "lr", "epochs", "steps_per_epoch", "batch_size",
-                                               "raw_weight", "val_cases", "seed", "device")
+                                               "raw_weight", "val_cases", "seed", "device", "simulated_pairs")
                  if getattr(args, k) is not None}
     if args.ct:
         overrides["model"] = replace(config.model, ct_channels=1)
@@ -200,6 +200,9 @@ def _parser() -> argparse.ArgumentParser:
     for name, typ in (("optimizer", str), ("lr", float), ("epochs", int), ("steps-per-epoch", int),
                       ("batch-size", int), ("raw-weight", float), ("val-cases", int), ("seed", int)):
         s.add_argument(f"--{name}", type=typ, help="override the preset")
+    s.add_argument("--simulated-pairs", type=int, metavar="N",
+                   help="also train on N pairs per case of simulated, direction-free errors of the ground truth "
+                        "(override the preset)")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("refine", parents=[common], help="refine one label map")

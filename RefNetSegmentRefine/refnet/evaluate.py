@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from monai.metrics import compute_dice
 
 from .labels import CLASS_NAMES, CLASSES, NUM_CLASSES
 
@@ -51,22 +49,26 @@ def dice_per_class(pred: np.ndarray, target: np.ndarray, *, num_classes: int = N
     """
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from ground-truth shape {target.shape}.")
-    p_arr = np.ascontiguousarray(pred).astype(np.int64)
-    t_arr = np.ascontiguousarray(target).astype(np.int64)
-    p = torch.as_tensor(p_arr)[None, None]
-    t = torch.as_tensor(t_arr)[None, None]
-    d = compute_dice(p, t, include_background=True, ignore_empty=True, num_classes=num_classes)
-    dice = d[0].double().numpy().copy()
-    dice[~_present(t_arr, num_classes) & _present(p_arr, num_classes)] = 0.0
+    # Counts from bincount instead of monai's compute_dice: the same Dice (a test compares them), but a
+    # 512 x 512 x 200 map needs no (13, N) one-hot (3 GB as float) and takes a second instead of a minute.
+    p, t = np.ravel(pred), np.ravel(target)
+    same = p == t
+    inter = _counts(p[same], num_classes)
+    p_sum, t_sum = _counts(p, num_classes), _counts(t, num_classes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = 2.0 * inter / (p_sum + t_sum)
+    dice[t_sum == 0] = np.nan  # absent from both: not scored
+    dice[(t_sum == 0) & (p_sum > 0)] = 0.0  # a false positive of an absent structure is an error
     return dice
 
 
-def _present(labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """(num_classes,) bool: which classes 0..num_classes-1 occur in ``labels``."""
-    values = np.unique(labels)
-    mask = np.zeros(num_classes, dtype=bool)
-    mask[values[(values >= 0) & (values < num_classes)]] = True
-    return mask
+def _counts(values: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes,) float64 voxels of each class 0..num_classes-1; other values are not counted."""
+    if values.dtype.kind == "i":
+        values = values[(values >= 0) & (values < num_classes)]
+    else:
+        values = values[values < num_classes]
+    return np.bincount(values.astype(np.intp, copy=False), minlength=num_classes)[:num_classes].astype(np.float64)
 
 
 def false_positive_ml(

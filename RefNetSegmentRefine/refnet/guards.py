@@ -20,6 +20,7 @@ __all__ = [
     "keep_classes",
     "limit_to_band",
     "limit_to_confident",
+    "new_pieces",
     "remove_new_components",
 ]
 
@@ -121,6 +122,35 @@ def limit_to_band(raw: np.ndarray, refined: np.ndarray, spacing: Sequence[float]
     return _revert(raw, refined, far)
 
 
+def new_pieces(before: np.ndarray, after: np.ndarray, cls: int, changed: np.ndarray | None = None
+               ) -> tuple[tuple[slice, ...], np.ndarray, int] | None:
+    """Connected pieces (26-connectivity) of class ``cls`` in ``after`` that touch no ``cls`` voxel of ``before``.
+
+    Only the box of the voxels that became ``cls`` (plus one voxel) is labelled: a new piece lies wholly
+    in it, and a piece reaching its edge meets an old ``cls`` voxel there. So the cost follows the
+    changes, not the volume.
+
+    Args:
+        before, after: integer label maps of one shape.
+        cls: the class.
+        changed: ``before != after`` if already computed.
+
+    Returns:
+        ``(box, mask, count)``: the box, a bool mask of the new pieces inside it and their number; None
+        when no voxel became ``cls``.
+    """
+    changed = before != after if changed is None else changed
+    gained = changed & (after == cls)
+    if not gained.any():
+        return None
+    nz = np.nonzero(gained)
+    box = tuple(slice(max(0, int(i.min()) - 1), min(n, int(i.max()) + 2)) for i, n in zip(nz, after.shape))
+    comps, n = ndimage.label(after[box] == cls, structure=np.ones((3,) * after.ndim, dtype=bool))
+    touching = np.unique(comps[(before[box] == cls) & (comps > 0)])
+    touching = touching[touching > 0]
+    return box, np.isin(comps, touching, invert=True) & (comps > 0), n - touching.size
+
+
 def remove_new_components(raw: np.ndarray, refined: np.ndarray) -> tuple[np.ndarray, int]:
     """Undo every connected piece of an organ (26-connectivity) that does not touch its raw mask.
 
@@ -128,14 +158,13 @@ def remove_new_components(raw: np.ndarray, refined: np.ndarray) -> tuple[np.ndar
     """
     out = refined.copy()
     held = 0
-    structure = np.ones((3,) * raw.ndim, dtype=bool)
-    for c in np.unique(refined[raw != refined]):
+    changed = raw != refined
+    for c in np.unique(refined[changed]):
         if c == 0:
             continue
-        comps, _ = ndimage.label(refined == c, structure=structure)
-        touching = np.unique(comps[(raw == c) & (comps > 0)])
-        new = np.isin(comps, touching, invert=True) & (comps > 0)
-        if new.any():
-            out, count = _revert(raw, out, new)
+        found = new_pieces(raw, refined, int(c), changed)
+        if found is not None and found[2]:
+            box, new, _ = found
+            out[box], count = _revert(raw[box], out[box], new)
             held += count
     return out, held

@@ -11,10 +11,10 @@ import warnings
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from .checkpoint import LoadedModel
 from .evaluate import dice_per_class
+from .guards import new_pieces
 from .labels import NUM_CLASSES, to_class_labels
 from .refine import RefineConfig, refine_volume
 
@@ -23,15 +23,9 @@ __all__ = ["new_components", "no_harm_scores"]
 
 def new_components(before: np.ndarray, after: np.ndarray) -> int:
     """Connected pieces (26-connectivity) of an organ in ``after`` that do not touch it in ``before``."""
-    count = 0
-    structure = np.ones((3, 3, 3), dtype=bool)
-    for c in range(1, NUM_CLASSES):
-        if not (after == c).any():
-            continue
-        comps, n = ndimage.label(after == c, structure=structure)
-        touching = np.unique(comps[(before == c) & (comps > 0)])
-        count += n - int(np.count_nonzero(touching))
-    return count
+    changed = before != after
+    found = (new_pieces(before, after, int(c), changed) for c in np.unique(after[changed]) if 0 < c < NUM_CLASSES)
+    return sum(f[2] for f in found if f is not None)
 
 
 def no_harm_scores(labels: np.ndarray, affine: np.ndarray, model: LoadedModel, *, scheme: str = "refnet",

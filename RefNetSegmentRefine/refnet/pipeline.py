@@ -27,7 +27,8 @@ from .refine import refine_labels
 from .spacing import voxel_spacing
 from .train import TrainConfig, train_refnet, validation_cases
 
-__all__ = ["DemoConfig", "evaluate_refinement", "report", "run_demo", "train_segmenters"]
+__all__ = ["EXTRA_ANATOMY_IDS", "DemoConfig", "evaluate_refinement", "extra_anatomy_maps", "report", "run_demo",
+           "train_segmenters"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,11 @@ class DemoConfig:
     phantoms: Any = None  # PhantomConfig of the generated cases; None = PhantomConfig.demo()
     segmenters: tuple[Any, ...] = field(default_factory=_demo_segmenters)  # K base models; the first is "raw"
     train: TrainConfig = field(default_factory=_demo_train)
+    # Extra correct maps (ground truth only: no CT is read, no base model runs) of phantoms with about
+    # twice the anatomical variation of the others, trained on as identity and simulated-error pairs so
+    # RefNet learns that anatomy unlike its template is correct; case ids from EXTRA_ANATOMY_IDS on.
+    extra_anatomy: int = 0
+    extra_phantoms: Any = None  # their PhantomConfig; None = PhantomConfig.demo(deform_mm=16, shape_jitter=1.6)
     device: str = "auto"
 
 
@@ -198,9 +204,11 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *, pr
                                progress=progress)
     timings["segmenters_s"] = time.perf_counter() - t0 - sum(timings.values())
     pairs = load_training_pairs(data, folders, with_ct=config.train.model.ct_channels > 0)
+    extra = extra_anatomy_maps(config.extra_anatomy, seed=config.seed, config=config.extra_phantoms)
     model = train_refnet(pairs, config.train, work_dir=out / "refnet_work", output=out / "refnet.pt",
                          progress=progress, provenance={"data": "refnet phantoms (demo preset)",
-                                                        "segmenters": [s.name for s in config.segmenters]})
+                                                        "segmenters": [s.name for s in config.segmenters]},
+                         extra_maps=extra)
     timings["refnet_s"] = time.perf_counter() - t0 - sum(timings.values())
     metrics = evaluate_refinement(data, folders[0], model, montage=out / "montage.png")
     metrics["raw_source"] = config.segmenters[0].name
@@ -210,6 +218,29 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *, pr
     write_metrics(out / "metrics.json", metrics)
     logger.info("demo finished in %.0f s", time.perf_counter() - t0)
     return metrics
+
+
+EXTRA_ANATOMY_IDS = 10_000  # first case id of the extra-anatomy maps (no dataset uses such ids)
+
+
+def extra_anatomy_maps(count: int, *, seed: int = 0, config: Any = None) -> list[Any]:
+    """Ground-truth maps of ``count`` extra phantoms as identity :class:`~refnet.train.TrainingPair` s.
+
+    Args:
+        count: how many.
+        seed: dataset seed (case ``EXTRA_ANATOMY_IDS + i`` uses ``case_seed(seed, EXTRA_ANATOMY_IDS + i)``).
+        config: their PhantomConfig (default: the demo grid with wider anatomy, see :class:`DemoConfig`).
+    """
+    from .data.phantoms import PhantomConfig, case_seed, make_phantom
+    from .train import TrainingPair
+
+    config = config or PhantomConfig.demo(deform_mm=16.0, shape_jitter=1.6)
+    maps = []
+    for i in range(count):
+        ph = make_phantom(case_seed(seed, EXTRA_ANATOMY_IDS + i), config)
+        maps.append(TrainingPair(raw=ph.labels, target=ph.labels, case_id=EXTRA_ANATOMY_IDS + i,
+                                 source="extra_anatomy", affine=ph.affine))
+    return maps
 
 
 def _check_resumed_data(data: Path, seed: int, phantoms: Any) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import LoadedModel, save_model
 from .device import resolve_device
+from .error_simulator import ErrorConfig, simulate_errors
 from .evaluate import dice_per_class, summarise
 from .guards import GuardConfig
 from .labels import NUM_CLASSES
@@ -60,6 +61,9 @@ class TrainConfig:
     #                                 standard grid; None: the data's own, for pre-resampled data)
     context_mm: float | None = 5.0  # distance of the context slices (None: adjacent slices)
     identity_pairs: bool = True  # also train on (ground truth -> ground truth): correct maps stay as they are
+    simulated_pairs: int = 0  # per training case, (simulated errors -> ground truth) pairs with no direction
+    #                           of error (refnet.error_simulator), so no one base model's bias is learned
+    errors: ErrorConfig = field(default_factory=ErrorConfig)  # strengths of the simulated errors
     band_mm: float = 6.0  # the band guard's width stored in the model file
     thresholds: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)  # confidence thresholds tried on held-out cases
     max_harm: float = 0.002  # Dice a class may lose when held-out ground truth is refined (the no-harm bar 0.998)
@@ -84,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"thresholds must be probabilities in [0, 1], got {self.thresholds}.")
         if self.val_every < 1:
             raise ValueError(f"val_every must be >= 1, got {self.val_every}.")
+        if self.simulated_pairs < 0:
+            raise ValueError(f"simulated_pairs must be >= 0, got {self.simulated_pairs}.")
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,19 @@ def _identity_pairs(pairs: Sequence[TrainingPair]) -> list[TrainingPair]:
     return list(seen.values())
 
 
+def _simulated_pairs(pairs: Sequence[TrainingPair], count: int, config: ErrorConfig, seed: int
+                     ) -> list[TrainingPair]:
+    """``count`` (simulated errors -> ground truth) pairs per case, seeded by (seed, case, n)."""
+    out = []
+    for truth in _identity_pairs(pairs):
+        spacing = voxel_spacing(truth.affine)
+        for n in range(count):
+            rng = np.random.default_rng([seed, truth.case_id, n])
+            out.append(replace(truth, raw=simulate_errors(truth.target, spacing, rng, config=config),
+                               source=f"simulated_{n}"))
+    return out
+
+
 def _per_class(model, pairs, proposals, guards, *, harm: bool) -> np.ndarray:
     """(C,) mean Dice gain over raw (or, with ``harm``, Dice lost against the target) per class."""
     scores = []
@@ -330,12 +349,16 @@ def train_refnet(
     output: str | os.PathLike | None = None,
     progress: bool = False,
     provenance: dict[str, Any] | None = None,
+    extra_maps: Sequence[TrainingPair] = (),
 ) -> LoadedModel:
     """Train a RefNet on ``pairs``; checkpoint each epoch to ``work_dir`` and resume from there.
 
     Args:
         pairs: training pairs (K per case when K segmentation models were used).
         config: training settings.
+        extra_maps: correct label maps with no model prediction (other anatomy: phantoms, a user's own
+            labelled cases; only ``target`` is read, case ids distinct from ``pairs``'): trained on as
+            identity pairs and, with ``config.simulated_pairs``, simulated errors; never held out.
         work_dir: holds ``last.pt`` (resume point), ``best.pt`` and ``train_log.jsonl``.
         output: where the final model file goes (default ``work_dir/refnet.pt``).
         progress: show a tqdm bar per epoch.
@@ -353,13 +376,17 @@ def train_refnet(
     torch.manual_seed(config.seed)
     net = RefNet(config.model).to(device)
     optimiser = _OPTIMIZERS[config.optimizer](net.parameters(), lr=config.lr)
-    fit = train_pairs + (_identity_pairs(train_pairs) if config.identity_pairs else [])
+    if {p.case_id for p in extra_maps} & {p.case_id for p in pairs}:
+        raise ValueError("extra_maps must use case ids that the training pairs do not use.")
+    extra = [replace(p, raw=p.target, source="ground_truth") for p in _identity_pairs(extra_maps)]
+    fit = train_pairs + (_identity_pairs(train_pairs) if config.identity_pairs else []) + extra
     fit = [_at_spacing(p, config.spacing_mm) for p in fit]
+    fit += _simulated_pairs(fit, config.simulated_pairs, config.errors, config.seed)  # at the model spacing
     loss_fn = RefNetLoss(raw_weight=config.raw_weight, dice_weight=config.dice_weight,
                          class_weights=_class_weights(fit, config.class_weight_power)).to(device)
     start, best = _resume(work, net, optimiser)
     sampler = _Sampler(fit, config.error_fraction)
-    meta = _metadata(config, pairs, train_pairs, val_pairs, provenance)
+    meta = _metadata(config, pairs, train_pairs, val_pairs, {"extra_maps": len(extra), **(provenance or {})})
     for epoch in range(start, config.epochs):
         losses = _run_epoch(net, optimiser, loss_fn, sampler, config, epoch, device, progress)
         record: dict[str, Any] = {"epoch": epoch + 1, **losses}
@@ -414,6 +441,7 @@ def _metadata(config, pairs, train_pairs, val_pairs, provenance) -> dict[str, An
             "config": json.loads(json.dumps(cfg)),
             "pairs": len(pairs),
             "identity_pairs": config.identity_pairs,
+            "simulated_pairs": config.simulated_pairs,
             "train_cases": sorted({p.case_id for p in train_pairs}),
             "val_cases": sorted({p.case_id for p in val_pairs}),
             "sources": sorted({p.source for p in pairs}),

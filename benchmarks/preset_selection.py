@@ -1,0 +1,96 @@
+"""Choose the demo's RefNet training preset on development data only, then freeze it.
+
+Trains RefNet variants on the base-model predictions of a finished (or interrupted after the base
+models) ``refnet demo`` folder and scores each on data that no reported figure uses:
+- the 5 held-out training phantoms (unseen by base models and RefNet): gain over raw, guards on;
+- correct maps that must come back unchanged: the held-out phantoms' ground truth, development
+  phantoms generated at clinical spacing (seeds 500+, none used by a test or benchmark), and
+  development phantoms of atypical anatomy (twice the usual deformation and size variation, seeds 600+),
+  a stand-in for real anatomy that is unlike the template.
+It never reads the demo's test split or the real label maps in ../shared: those are the tests the
+chosen preset is reported on (``refnet demo``, ``benchmarks/no_harm.py``).
+
+The rule, fixed before any variant was run: among the variants whose correct maps all keep a mean
+Dice >= 0.998 (the phantoms' no-harm bar), the one with the largest held-out gain; if none does,
+the one whose worst correct map changes least.
+
+    python benchmarks/preset_selection.py --demo-dir demo_out [--variants NAME ...] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from refnet.data.phantoms import PhantomConfig, make_phantom
+from refnet.no_harm import no_harm_scores
+from refnet.pairs import load_training_pairs
+from refnet.pipeline import DemoConfig, extra_anatomy_maps
+from refnet.train import train_refnet
+
+DEV_SPACINGS = ((0.8, 3.0), (0.8, 2.5), (1.0, 5.0))  # (in-plane, slice) mm of the development phantoms
+
+
+def _variants() -> dict[str, tuple[object, int]]:
+    """name -> (TrainConfig, extra-anatomy maps)."""
+    base = DemoConfig().train
+    return {
+        "previous": (replace(base, simulated_pairs=0), 0),
+        "simulated": (replace(base, simulated_pairs=3), 0),
+        "simulated_w05": (replace(base, simulated_pairs=3, raw_weight=0.5), 0),
+        "simulated_anatomy": (replace(base, simulated_pairs=3), 20),
+    }
+
+
+def _dev_maps() -> list[tuple[str, np.ndarray, np.ndarray]]:
+    maps = []
+    for i, (s, z) in enumerate(DEV_SPACINGS):
+        ph = make_phantom(500 + i, PhantomConfig(inplane_spacing_mm=(s, s), slice_spacing_mm=(z, z)))
+        maps.append((f"dev phantom {s:g}x{z:g}", ph.labels, ph.affine))
+    for i, (s, z) in enumerate(DEV_SPACINGS[:2]):
+        ph = make_phantom(600 + i, PhantomConfig(inplane_spacing_mm=(s, s), slice_spacing_mm=(z, z),
+                                                 deform_mm=16.0, shape_jitter=1.6))
+        maps.append((f"dev atypical {s:g}x{z:g}", ph.labels, ph.affine))
+    return maps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo-dir", required=True, help="a `refnet demo` folder with data/ and predictions/")
+    parser.add_argument("--variants", nargs="*", help=f"which (default all): {sorted(_variants())}")
+    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    args = parser.parse_args()
+    demo = Path(args.demo_dir)
+    folders = sorted((demo / "predictions").iterdir())
+    pairs = load_training_pairs(demo / "data", folders)
+    dev = _dev_maps()
+    rows = []
+    for name, (config, extra) in _variants().items():
+        if args.variants and name not in args.variants:
+            continue
+        model = train_refnet(pairs, config, work_dir=demo / f"selection_{name}", output=demo / f"selection_{name}.pt",
+                             extra_maps=extra_anatomy_maps(extra))
+        gated = model.metadata["validation_gated"]
+        val_pairs = {p.case_id: p for p in pairs if p.case_id in model.metadata["training"]["val_cases"]}
+        truth = [(f"held-out {c}", p.target, p.affine) for c, p in val_pairs.items()]
+        harm = {n: no_harm_scores(lab, aff, model) for n, lab, aff in truth + dev}
+        raw, ref = gated["raw"]["mean_dice"], gated["refined"]["mean_dice"]
+        row = {"variant": name, "held_out_raw": raw, "held_out_refined": ref,
+               "held_out_gain_percent": round(100 * (ref - raw) / raw, 2),
+               "thresholds": model.metadata["guards"]["class_thresholds"],
+               "correct_min_dice": min(h["mean_dice"] for h in harm.values()),
+               "correct_min_organ": min(h["min_dice"] for h in harm.values()),
+               "correct_mean_dice": round(float(np.mean([h["mean_dice"] for h in harm.values()])), 5),
+               "correct_maps": {n: h["mean_dice"] for n, h in harm.items()}}
+        rows.append(row)
+        print(f"{name:<16} held-out {raw:.4f} -> {ref:.4f} ({row['held_out_gain_percent']:+.2f}%); correct maps: "
+              f"min {row['correct_min_dice']:.4f}, worst organ {row['correct_min_organ']:.4f}, "
+              f"mean {row['correct_mean_dice']:.4f}", flush=True)
+    Path(args.out).write_text(json.dumps({"dev_spacings": DEV_SPACINGS, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
