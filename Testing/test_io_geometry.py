@@ -57,3 +57,20 @@ def test_check_affine_errors():
         check_affine(np.eye(3))
     with pytest.raises(ValueError, match="singular"):
         check_affine(np.diag([1.0, 0.0, 1.0, 1.0]))
+
+
+def test_written_files_respect_the_umask(tmp_path):
+    """Outputs are readable by others under umask 022, as open() would make them (mkstemp alone gives 0600)."""
+    import os
+    import stat
+
+    from refnet.io import save_volume, write_json
+
+    old = os.umask(0o022)
+    try:
+        a = save_volume(tmp_path / "a.nii.gz", np.zeros((2, 2, 2), np.uint8), np.eye(4))
+        b = write_json(tmp_path / "b.json", {"x": np.int64(1)})
+    finally:
+        os.umask(old)
+    for path in (a, b):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

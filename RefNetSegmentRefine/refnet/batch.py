@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .guards import GUARD_NAMES, GuardConfig
-from .io import load_volume, save_volume, volume_suffix
+from .io import load_volume, save_volume, volume_suffix, write_json
 from .labels import LABEL_SCHEMES, from_class_labels, to_class_labels
 
 if TYPE_CHECKING:  # the checkpoint and refine modules import torch; only load them when refining
@@ -261,38 +260,6 @@ def refine_label_map(
     """
     return refine_label_map_with_report(labels, affine, ct, model=model, scheme=scheme, config=config,
                                         progress=progress).labels
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
-def write_json(path: str | os.PathLike, data: Any) -> Path:
-    """Write ``data`` as indented JSON atomically (temporary file beside ``path``, then rename).
-
-    numpy scalars and arrays and paths are converted to plain JSON values.
-
-    Returns:
-        The written path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            json.dump(data, file, indent=2, default=_json_default)
-            file.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 def _earlier_entries(path: Path) -> dict[str, dict[str, Any]]:

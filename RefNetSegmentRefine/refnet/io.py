@@ -6,15 +6,17 @@ leaves a half-written file that a re-run would take for a finished case.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-__all__ = ["Volume", "atomic_path", "load_volume", "save_volume", "volume_suffix"]
+__all__ = ["Volume", "atomic_path", "load_volume", "save_volume", "volume_suffix", "write_json"]
 
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
 
@@ -100,8 +102,16 @@ def atomic_path(path: str | os.PathLike) -> tuple[Path, Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = volume_suffix(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[: -len(suffix)]}.", suffix=suffix, dir=path.parent)
+    _open_mode(fd)
     os.close(fd)
     return Path(tmp), path
+
+
+def _open_mode(fd: int) -> None:
+    """Give a mkstemp file (0600) the mode ``open()`` would: 0666 less the umask, so others can read outputs."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
 
 
 def save_volume(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray) -> Path:
@@ -135,3 +145,36 @@ def _save_nrrd(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
     header = {"space": "left-posterior-superior", "space directions": lps[:3, :3].T,
               "space origin": lps[:3, 3], "kinds": ["domain"] * 3, "encoding": "gzip"}
     nrrd.write(str(path), np.asarray(array), header)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented JSON atomically (temporary file beside ``path``, then rename).
+
+    numpy scalars and arrays and paths are converted to plain JSON values.
+
+    Returns:
+        The written path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    _open_mode(fd)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            json.dump(data, file, indent=2, default=_json_default)
+            file.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

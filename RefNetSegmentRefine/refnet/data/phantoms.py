@@ -15,11 +15,9 @@ further to the patient's right (liver), larger j anterior, larger k superior.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from refnet.io import save_volume
+from refnet.io import save_volume, write_json
 from refnet.labels import NUM_CLASSES
 
 from .anatomy import Draw, Structure, anatomy
@@ -350,17 +348,6 @@ def _check_case_ids(case_ids: object) -> list[int]:
     return ids
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_phantom_dataset(out_dir: str | os.PathLike, case_ids: Sequence[int], *,
                           config: PhantomConfig | None = None, seed: int = 0) -> Path:
     """Write phantoms in the BTCV/Synapse layout, with a ``dataset.json`` describing them.
@@ -392,5 +379,5 @@ def write_phantom_dataset(out_dir: str | os.PathLike, case_ids: Sequence[int], *
         logger.info("phantom case %04d written (%s voxels, spacing %s mm)", cid, phantom.labels.shape,
                     tuple(round(s, 2) for s in phantom.spacing))
     meta = {"label_scheme": "refnet", "generator": "refnet phantoms", "seed": seed, "config": asdict(cfg)}
-    _write_json(out / "dataset.json", meta)
+    write_json(out / "dataset.json", meta)
     return out
