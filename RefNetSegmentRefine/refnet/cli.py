@@ -243,6 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     level = logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
+        from .device import resolve_device
+
+        resolve_device(args.device)  # a bad or absent device fails now, not after minutes of work
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"refnet {args.command}: error: {err}", file=sys.stderr)

@@ -18,7 +18,10 @@ def _note_cpu_fallback() -> None:
 
 
 def resolve_device(request: str | torch.device = "auto") -> torch.device:
-    """Resolve a device request, falling back to CPU (with a log line) when CUDA is missing.
+    """Resolve a device request; ``auto`` falls back to CPU (with a log line) when CUDA is missing.
+
+    An explicit ``cuda`` request on a machine without CUDA is an error, not a silent CPU run: whoever
+    asked for the GPU (a cluster job, say) should learn at once that it is not there.
 
     Args:
         request: ``"auto"`` (GPU if available), ``"cpu"``, ``"cuda"``/``"gpu"`` or ``"cuda:N"``.
@@ -43,8 +46,8 @@ def resolve_device(request: str | torch.device = "auto") -> torch.device:
         if not index_text.isdigit():
             raise ValueError(f"device {request!r} is not valid; use auto, cpu, cuda or cuda:N.")
         if not torch.cuda.is_available():
-            logger.warning("device %s requested but CUDA is not available; falling back to CPU", request)
-            return torch.device("cpu")
+            raise ValueError(f"device {request!r} requested but no CUDA GPU is available here (torch "
+                             f"{torch.__version__}); use --device auto (GPU if present, else CPU) or cpu.")
         if int(index_text) >= torch.cuda.device_count():
             raise ValueError(f"device {request!r}: only {torch.cuda.device_count()} CUDA device(s) present.")
         return torch.device(f"cuda:{index_text}")
