@@ -63,10 +63,21 @@ def test_from_class_labels_round_trip_and_keeps_unmapped():
     assert back.dtype == ts.dtype
 
 
-def test_from_class_labels_new_adrenal_voxels_get_lowest_source_value():
-    btcv = np.array([0, 13, 0])
-    refined = np.array([12, 12, 0])
-    assert from_class_labels(refined, btcv, "btcv").tolist() == [12, 13, 0]
+def test_new_adrenal_voxels_take_the_side_of_the_nearest_adrenal():
+    # BTCV: 12 right adrenal, 13 left adrenal, merged into class 12 for RefNet.
+    btcv = np.zeros((12, 3, 2), np.uint8)
+    btcv[1:3, 1, :] = 12  # right adrenal at low i
+    btcv[9:11, 1, :] = 13  # left adrenal at high i
+    refined, _ = to_class_labels(btcv, "btcv")
+    refined[3, 1, :] = 12  # grows next to the right adrenal
+    refined[8, 1, 0] = 12  # and next to the left one
+    back = from_class_labels(refined, btcv, "btcv")
+    assert back[3, 1, 0] == 12 and back[8, 1, 0] == 13
+    np.testing.assert_array_equal(back[btcv > 0], btcv[btcv > 0])
+
+
+def test_new_adrenal_voxels_without_any_original_adrenal_get_the_lowest_value():
+    assert from_class_labels(np.array([12, 12, 0]), np.array([0, 0, 0]), "btcv").tolist() == [12, 12, 0]
 
 
 def test_check_class_labels_rejects_out_of_range():
@@ -159,9 +170,9 @@ def test_flare22_adrenals_merge_and_come_back_with_their_own_values():
     assert classes.tolist() == [[12, 12, 12], [12, 0, 0]] and not unmapped.any()
     np.testing.assert_array_equal(from_class_labels(classes, flare, "flare22"), flare)
     refined = classes.copy()
-    refined[1, 1] = 12  # a new adrenal voxel takes the lowest source value (right adrenal, 7)
+    refined[1, 2] = 12  # a new adrenal voxel takes the value of the nearest one (left adrenal, 8)
     refined[0, 0] = 0
-    assert from_class_labels(refined, flare, "flare22").tolist() == [[0, 7, 8], [8, 7, 0]]
+    assert from_class_labels(refined, flare, "flare22").tolist() == [[0, 7, 8], [8, 0, 8]]
 
 
 def _world_x(classes: np.ndarray, affine: np.ndarray, index: int) -> float:

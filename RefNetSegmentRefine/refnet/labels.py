@@ -214,7 +214,8 @@ def from_class_labels(
 
     Voxels whose original value maps to no class keep that value; where a class has several
     source values (the two adrenals of BTCV and FLARE22), each voxel keeps its original value if
-    it still holds that class, otherwise takes the lowest source value of the class.
+    it still holds that class; a voxel new to the class takes the value of the nearest voxel that had
+    one of them (a voxel added to the left adrenal stays left), or the lowest value if there is none.
 
     Args:
         classes: refined class map, same shape as ``original``.
@@ -234,7 +235,25 @@ def from_class_labels(
     out = back[classes if np.issubdtype(classes.dtype, np.integer) else classes.astype(np.intp)]
     orig_cls_map = _map_values(original, mapping)
     np.copyto(out, original, where=(orig_cls_map == classes) | (orig_cls_map < 0))
+    for c in range(NUM_CLASSES):
+        sources = [v for v, k in mapping.items() if k == c]
+        if len(sources) > 1:
+            _nearest_source(out, classes == c, np.isin(original, sources), original)
     return out
+
+
+def _nearest_source(out: np.ndarray, is_class: np.ndarray, had_source: np.ndarray, original: np.ndarray) -> None:
+    """Give voxels new to a multi-value class the original value of the nearest voxel that had one, in place."""
+    from scipy import ndimage
+
+    new = is_class & ~had_source
+    if not new.any() or not had_source.any():
+        return
+    nz = np.nonzero(new | had_source)
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in nz)  # holds both: the nearest source is inside
+    _, nearest = ndimage.distance_transform_edt(~had_source[box], return_indices=True)
+    values = original[box][tuple(nearest)]
+    out[box] = np.where(new[box], values, out[box])
 
 
 def slicer_terminology(index: int) -> str:
