@@ -219,3 +219,24 @@ def test_external_folder_errors(tmp_path):
         load_prediction_folder(tmp_path, [3])
     with pytest.raises(FileNotFoundError, match="no such folder"):
         load_prediction_folder(tmp_path / "nope", [1])
+
+
+def test_prediction_in_another_orientation_with_the_same_shape_is_refused(tmp_path):
+    """Matching by shape alone would read a mirrored prediction as if it lay on the CT grid."""
+    from refnet.io import read_affine
+
+    labels = _volume(0)[1]
+    mirrored = AFFINE @ np.diag([-1.0, 1.0, 1.0, 1.0])
+    mirrored[0, 3] = AFFINE[0, 3] + AFFINE[0, 0] * (labels.shape[0] - 1)
+    save_volume(tmp_path / "label0001.nii.gz", labels[::-1], mirrored)
+    np.testing.assert_allclose(read_affine(tmp_path / "label0001.nii.gz"), mirrored)
+    with pytest.raises(ValueError, match=r"(?s)label0001.nii.gz: its affine differs from the CT.s.*same orientation"):
+        load_prediction_folder(tmp_path, [1], affines={1: AFFINE})
+    np.testing.assert_array_equal(load_prediction_folder(tmp_path, [1], affines={1: mirrored})[1], labels[::-1])
+
+
+def test_read_affine_of_nrrd_matches_load_volume(tmp_path):
+    from refnet.io import read_affine
+
+    path = save_volume(tmp_path / "x.nrrd", _volume(0)[1], AFFINE)
+    np.testing.assert_allclose(read_affine(path), load_volume(path).affine)

@@ -16,7 +16,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-__all__ = ["Volume", "atomic_path", "load_volume", "save_volume", "volume_suffix", "write_json"]
+__all__ = ["Volume", "atomic_path", "load_volume", "read_affine", "save_volume", "volume_suffix", "write_json"]
 
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
 
@@ -77,12 +77,35 @@ def load_volume(path: str | os.PathLike) -> Volume:
     return Volume(_check_3d(np.asarray(array), path), np.asarray(affine, dtype=np.float64))
 
 
-def _load_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def read_affine(path: str | os.PathLike) -> np.ndarray:
+    """The (4, 4) voxel-to-RAS affine of a NIfTI or NRRD file, from its header alone (no voxel data read).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: an unsupported file type.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; check the path.")
+    if volume_suffix(path).endswith(".nrrd"):
+        return _nrrd_affine(_nrrd_module(path).read_header(str(path)), path)
+    return np.asarray(nib.load(str(path)).affine, dtype=np.float64)
+
+
+def _nrrd_module(path: Path):
     try:
         import nrrd  # optional: pip install pynrrd
     except ImportError as err:
         raise ValueError(f"{path}: reading NRRD needs pynrrd; run `pip install pynrrd` or use NIfTI.") from err
-    array, header = nrrd.read(str(path))
+    return nrrd
+
+
+def _load_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    array, header = _nrrd_module(path).read(str(path))
+    return array, _nrrd_affine(header, path)
+
+
+def _nrrd_affine(header: dict, path: Path) -> np.ndarray:
     directions = np.asarray(header.get("space directions", np.eye(3)), dtype=np.float64)
     if directions.shape[0] > 3:  # a leading non-spatial axis (multi-layer .seg.nrrd) has no direction
         raise ValueError(f"{path}: NRRD with a non-spatial axis (layered segmentation); export a labelmap.")
@@ -93,7 +116,7 @@ def _load_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
     space = str(header.get("space", "left-posterior-superior")).lower()
     if space in ("left-posterior-superior", "lps"):
         affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # NRRD is usually LPS; our affines are RAS
-    return array, affine
+    return affine
 
 
 def atomic_path(path: str | os.PathLike) -> tuple[Path, Path]:

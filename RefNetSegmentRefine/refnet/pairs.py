@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .geometry import canonical_affine, to_canonical
+from .io import read_affine
 from .train import TrainingPair
 
 __all__ = ["load_training_pairs"]
@@ -48,7 +49,9 @@ def load_training_pairs(
     if not cases:
         raise ValueError(f"{dataset_dir}: no cases of the {split!r} split found.")
     ids = [c.case_id for c in cases]
-    predictions = {Path(d).name: load_prediction_folder(d, ids, scheme=scheme) for d in prediction_dirs}
+    affines = {c.case_id: read_affine(c.image) for c in cases}  # headers only
+    predictions = {Path(d).name: load_prediction_folder(d, ids, scheme=scheme, affines=affines)
+                   for d in prediction_dirs}
     pairs = []
     for case in cases:
         ct, target = load_case(case)

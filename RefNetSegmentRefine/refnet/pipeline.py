@@ -21,6 +21,7 @@ import numpy as np
 from .checkpoint import LoadedModel
 from .evaluate import dice_per_class, false_positive_ml, format_table, save_montage, summarise, write_metrics
 from .geometry import to_canonical
+from .io import read_affine
 from .labels import CLASS_NAMES
 from .model import RefNetConfig
 from .refine import refine_labels
@@ -151,7 +152,8 @@ def evaluate_refinement(
     cases = split_cases(find_cases(dataset_dir), split)
     if not cases:
         raise ValueError(f"{dataset_dir}: no cases in the {split!r} split to evaluate.")
-    preds = load_prediction_folder(prediction_dir, [c.case_id for c in cases], scheme=scheme)
+    preds = load_prediction_folder(prediction_dir, [c.case_id for c in cases], scheme=scheme,
+                                   affines={c.case_id: read_affine(c.image) for c in cases})
     raw_scores, ref_scores, raw_fp, ref_fp, changed = [], [], [], [], 0
     for n, case in enumerate(cases):
         ct, target = load_case(case)

@@ -428,12 +428,24 @@ def _index_folder(folder: Path) -> dict[int, list[Path]]:
     return found
 
 
+_AFFINE_TOL_MM = 1e-3
+
+
+def _check_affine_matches(path: Path, affine: np.ndarray, expected: np.ndarray) -> None:
+    if not np.allclose(affine, expected, rtol=0.0, atol=_AFFINE_TOL_MM):
+        raise ValueError(f"{path}: its affine differs from the CT's by up to {np.abs(affine - expected).max():.4g} mm "
+                         f"(orientation, spacing or origin):\n{np.array2string(affine, precision=4)}\nvs the CT's\n"
+                         f"{np.array2string(np.asarray(expected), precision=4)}\nsave the prediction on the CT's "
+                         "grid (same orientation and origin), e.g. with 3D Slicer or SimpleITK.")
+
+
 def load_prediction_folder(
     folder: str | os.PathLike,
     case_ids: Sequence[int],
     *,
     scheme: str = "refnet",
     shapes: Mapping[int, Sequence[int]] | None = None,
+    affines: Mapping[int, np.ndarray] | None = None,
 ) -> dict[int, np.ndarray]:
     """Load label maps of any model from one folder, mapped to RefNet classes.
 
@@ -447,6 +459,8 @@ def load_prediction_folder(
         scheme: label values of the files: ``"refnet"``, ``"btcv"`` or ``"totalsegmentator"``
             (see :data:`refnet.labels.LABEL_SCHEMES`); unmapped values become background.
         shapes: optional case id -> expected (I, J, K) shape (e.g. of the CT).
+        affines: optional case id -> expected (4, 4) affine (of the CT): a prediction saved in another
+            orientation with the same shape would otherwise be read mirrored.
 
     Returns:
         Case id -> (I, J, K) uint8 RefNet classes 0..12.
@@ -454,7 +468,8 @@ def load_prediction_folder(
     Raises:
         FileNotFoundError: ``folder`` is not a folder.
         ValueError: missing or ambiguous cases (the message lists them and the accepted names), an
-            unknown scheme, fractional or out-of-range values, or a shape that differs from ``shapes``.
+            unknown scheme, fractional or out-of-range values, or a shape or affine that differs from
+            ``shapes`` or ``affines``.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -472,7 +487,10 @@ def load_prediction_folder(
     out = {}
     for case_id in wanted:
         path = found[case_id][0]
-        array = load_volume(path).array
+        volume = load_volume(path)
+        array = volume.array
+        if affines is not None and case_id in affines:
+            _check_affine_matches(path, volume.affine, affines[case_id])
         if not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
             if not np.all(np.isfinite(array)) or np.any(np.mod(array, 1) != 0):
                 raise ValueError(f"{path}: holds fractional values (dtype {array.dtype}); "
