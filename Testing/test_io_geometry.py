@@ -74,3 +74,20 @@ def test_written_files_respect_the_umask(tmp_path):
         os.umask(old)
     for path in (a, b):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+@pytest.mark.parametrize(("name", "content", "match"), [
+    ("empty.nii.gz", b"", "cannot be read as gzip-compressed NIfTI \\(it is empty\\)"),
+    ("png.nii.gz", b"\x89PNG\r\n\x1a\n" + b"0" * 100, "cannot be read as gzip-compressed NIfTI"),
+    ("half.nii.gz", None, "cannot be read as gzip-compressed NIfTI \\(EOFError"),
+    ("gzipped.nii", "gzip", "cannot be read as NIfTI.*a .nii must not"),
+    ("junk.nrrd", b"hello", "cannot be read as NRRD"),
+    ("empty.nrrd", b"", "cannot be read as NRRD \\(it is empty\\)"),
+])
+def test_unreadable_files_name_the_file_and_the_fix(tmp_path, name, content, match):
+    labels = np.random.default_rng(0).integers(0, 13, (30, 30, 30)).astype(np.uint8)
+    good = save_volume(tmp_path / "good.nii.gz", labels, np.eye(4)).read_bytes()
+    data = good[: len(good) // 2] if content is None else good if content == "gzip" else content
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(ValueError, match=f"{name}: {match}"):
+        load_volume(tmp_path / name)

@@ -250,6 +250,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"refnet {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except PermissionError as err:
+        print(f"refnet {args.command}: error: {err.filename or err}: permission denied; choose a file or folder "
+              "you can read and write.", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, a folder where a file was expected, ...
+        print(f"refnet {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(f"refnet {args.command}: error: out of memory; try a smaller --batch-size, or a machine with more "
+              "memory.", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"refnet {args.command}: interrupted; finished files are complete, unfinished ones were not "
+              "written.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

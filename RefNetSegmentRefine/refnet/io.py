@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,12 +70,25 @@ def load_volume(path: str | os.PathLike) -> Volume:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file; check the path.")
     suffix = volume_suffix(path)
-    if suffix.endswith(".nrrd"):
-        array, affine = _load_nrrd(path)
-    else:
-        img = nib.load(str(path))
-        array, affine = np.asanyarray(img.dataobj), img.affine
+    try:
+        if suffix.endswith(".nrrd"):
+            array, affine = _load_nrrd(path)
+        else:
+            img = nib.load(str(path))
+            array, affine = np.asanyarray(img.dataobj), img.affine
+    except (OSError, EOFError, zlib.error, nib.filebasedimages.ImageFileError) as err:
+        if isinstance(err, PermissionError):
+            raise ValueError(f"{path}: no permission to read it; check the file's permissions.") from err
+        raise _unreadable(path, suffix, err) from err
     return Volume(_check_3d(np.asarray(array), path), np.asarray(affine, dtype=np.float64))
+
+
+def _unreadable(path: Path, suffix: str, err: BaseException) -> ValueError:
+    kind = "NRRD" if suffix.endswith(".nrrd") else "gzip-compressed NIfTI" if suffix == ".nii.gz" else "NIfTI"
+    size = path.stat().st_size
+    what = "it is empty" if size == 0 else f"{type(err).__name__}: {err}"
+    return ValueError(f"{path}: cannot be read as {kind} ({what}); the file may be truncated, of another "
+                      "format, or misnamed (a .nii.gz must be gzip-compressed, a .nii must not); re-export it.")
 
 
 def read_affine(path: str | os.PathLike) -> np.ndarray:
@@ -101,7 +115,11 @@ def _nrrd_module(path: Path):
 
 
 def _load_nrrd(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    array, header = _nrrd_module(path).read(str(path))
+    nrrd = _nrrd_module(path)
+    try:
+        array, header = nrrd.read(str(path))
+    except (nrrd.NRRDError, StopIteration, EOFError, zlib.error, UnicodeDecodeError) as err:
+        raise _unreadable(path, ".nrrd", err) from err
     return array, _nrrd_affine(header, path)
 
 
