@@ -206,3 +206,28 @@ def test_phantoms_defaults_match_the_demo():
 
     args = _parser().parse_args(["phantoms", "--out", "x"])
     assert (args.train, args.test) == (DemoConfig().train_cases, DemoConfig().test_cases)
+
+
+@pytest.mark.parametrize(("out", "extra", "message"), [
+    ("refined.png", (), "unsupported file type"),
+    ("adir", ("--overwrite",), "is a folder; give a file name"),
+])
+def test_output_problems_are_found_before_the_model_is_read(case, capsys, out, extra, message):
+    tmp, paths, _ = case
+    (tmp / "adir").mkdir()
+    missing_model = {**paths, "model": tmp / "no_such_model.pt"}  # would fail later, if it were read first
+    assert _refine(missing_model, tmp / out, *extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "no_such_model" not in err and "Traceback" not in err
+
+
+def test_a_folder_given_as_labels_is_named_a_folder(case, capsys):
+    tmp, paths, _ = case
+    assert _refine({**paths, "labels": tmp}, tmp / "o.nii.gz") == 2
+    assert "is a folder, not a file" in capsys.readouterr().err
+
+
+def test_ct_given_to_a_label_only_model_is_reported_unused(case, caplog):
+    tmp, paths, _ = case
+    assert _refine(paths, tmp / "o.nii.gz", "--ct", str(paths["ct"])) == 0
+    assert "reads only the label map; --ct" in caplog.text

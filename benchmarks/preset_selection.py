@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def _variants() -> dict[str, tuple[object, int]]:
         "simulated": (replace(base, simulated_pairs=3), 0),
         "simulated_w05": (replace(base, simulated_pairs=3, raw_weight=0.5), 0),
         "simulated_anatomy": (replace(base, simulated_pairs=3), 20),
+        "simulated_anatomy_w05": (replace(base, simulated_pairs=3, raw_weight=0.5), 20),
     }
 
 
@@ -63,6 +65,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="*", help=f"which (default all): {sorted(_variants())}")
     parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     demo = Path(args.demo_dir)
     folders = sorted((demo / "predictions").iterdir())
     pairs = load_training_pairs(demo / "data", folders)

@@ -90,7 +90,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_refine(args: argparse.Namespace) -> int:
     from .batch import guard_config, guard_settings, refine_label_map_with_report, write_json
     from .checkpoint import load_model
-    from .io import load_volume, save_volume
+    from .io import check_output_path, check_writable, load_volume, save_volume
     from .refine import RefineConfig
     from .segments import format_guards
 
@@ -101,14 +101,17 @@ def _cmd_refine(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is one of the inputs; choose a new file so the input is kept.")
     if args.report and Path(args.report).resolve() in {*inputs, out.resolve()}:
         raise ValueError(f"--report {args.report} is one of the volumes; choose a new .json file.")
-    if out.exists() and not args.overwrite:
-        raise ValueError(f"--out {out} already exists; pass --overwrite to replace it or choose another name.")
+    check_output_path(out, overwrite=args.overwrite)  # before minutes of work, not after
+    if args.report:
+        check_writable(args.report)
     labels = load_volume(args.labels)
     ct = load_volume(args.ct) if args.ct else None
     if ct is not None and (ct.array.shape != labels.array.shape or not _same_grid(ct.affine, labels.affine)):
         raise ValueError(f"{args.ct} and {args.labels} are on different grids (shape {ct.array.shape} vs "
                          f"{labels.array.shape}); resample the label map onto the CT first.")
     model = load_model(args.model, device=args.device)
+    if ct is not None and not model.uses_ct:
+        logger.warning("this model reads only the label map; --ct %s is not used", args.ct)
     result = refine_label_map_with_report(labels.array, labels.affine, None if ct is None else ct.array,
                                           model=model, scheme=args.label_scheme,
                                           config=RefineConfig(batch_size=args.batch_size, guards=guards))

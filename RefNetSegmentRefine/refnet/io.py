@@ -17,7 +17,17 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-__all__ = ["Volume", "atomic_path", "load_volume", "read_affine", "save_volume", "volume_suffix", "write_json"]
+__all__ = [
+    "Volume",
+    "atomic_path",
+    "check_output_path",
+    "check_writable",
+    "load_volume",
+    "read_affine",
+    "save_volume",
+    "volume_suffix",
+    "write_json",
+]
 
 _SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".seg.nrrd")
 
@@ -67,8 +77,7 @@ def load_volume(path: str | os.PathLike) -> Volume:
         ValueError: not a 3D volume, or an unsupported file type.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; check the path.")
+    _check_input_file(path)
     suffix = volume_suffix(path)
     try:
         if suffix.endswith(".nrrd"):
@@ -99,11 +108,49 @@ def read_affine(path: str | os.PathLike) -> np.ndarray:
         ValueError: an unsupported file type.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file; check the path.")
+    _check_input_file(path)
     if volume_suffix(path).endswith(".nrrd"):
         return _nrrd_affine(_nrrd_module(path).read_header(str(path)), path)
     return np.asarray(nib.load(str(path)).affine, dtype=np.float64)
+
+
+def _check_input_file(path: Path) -> None:
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder, not a file; give the path of one .nii.gz, .nii or .nrrd file.")
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file; check the path.")
+
+
+def check_output_path(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Fail now, before any work, if a volume cannot be written to ``path`` later.
+
+    Raises:
+        ValueError: an unsupported suffix, a folder at ``path``, an existing file without ``overwrite``,
+            or a folder (or its nearest existing parent) this process may not write to.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; give a file name such as {path / 'refined.nii.gz'}.")
+    volume_suffix(path)
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path} already exists; pass --overwrite to replace it or choose another name.")
+    return check_writable(path)
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Fail now if no file can be created at ``path``: its folder (or nearest existing parent) is not writable.
+
+    Raises:
+        ValueError: the folder is not writable, or a file stands where a folder is needed.
+    """
+    path = Path(path)
+    parent = path.parent.resolve()
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: cannot write into {parent} (no permission, or not a folder); "
+                         "choose a folder you can write to.")
+    return path
 
 
 def _nrrd_module(path: Path):
