@@ -123,6 +123,16 @@ def test_ct_model_requires_ct_and_uses_it(tmp_path):
     assert not np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_ct_is_refused_not_turned_into_background(tmp_path, bad):
+    model = load_model(make_model_file(tmp_path / "ct.pt", ct_channels=1, metadata={"ct_window": [40, 400]}))
+    lab = _labels()
+    ct = np.zeros(lab.shape, np.float32)
+    ct[:, :, 1] = bad
+    with pytest.raises(ValueError, match=rf"CT holds {ct[:, :, 1].size} NaN or infinite values; fill them"):
+        refine_labels(lab, np.eye(4), model, ct=ct)
+
+
 def test_restrict_changes_keeps_disallowed_class_mask():
     raw = np.array([0, 1, 1, 2, 2, 0])
     refined = np.array([1, 0, 2, 2, 0, 2])

@@ -176,6 +176,11 @@ def _check_inputs(labels: np.ndarray, ct: np.ndarray | None, model: LoadedModel)
             f"CT shape {np.shape(ct)} differs from label map shape {labels.shape}; "
             "resample the label map onto the CT grid first."
         )
+    if ct is not None and model.uses_ct:
+        bad = np.size(ct) - int(np.count_nonzero(np.isfinite(ct)))
+        if bad:  # NaN would silently turn whole slices into background
+            raise ValueError(f"the CT holds {bad} NaN or infinite values; fill them (e.g. with -1024 HU, air) "
+                             "before refining.")
 
 
 _ALIGN = 16  # BasicUNet halves the image 4 times
