@@ -135,6 +135,8 @@ def _bad_inputs(tmp, paths):
     net = RefNet(RefNetConfig(num_classes=5, features=(4, 4, 8, 8, 16, 4)))
     save_model(tmp / "other.pt", net, metadata={"classes": ["a", "b", "c", "d", "e"]})
     torch.save({"format": "something else"}, tmp / "foreign.pt")
+    save_model(tmp / "fifteen.pt", RefNet(RefNetConfig(num_classes=15, features=(4, 4, 8, 8, 16, 4))))
+    (tmp / "truncated.pt").write_bytes(paths["model"].read_bytes()[:500])
     return [
         ({"labels": tmp / "missing.nii.gz"}, [], "no such file"),
         ({"labels": tmp / "big.nii.gz"}, [], "outside the 13 RefNet classes"),
@@ -144,6 +146,8 @@ def _bad_inputs(tmp, paths):
         ({}, ["--ct", str(tmp / "ct_moved.nii.gz")], "different grids"),
         ({"model": tmp / "other.pt"}, [], "made for 5 classes"),
         ({"model": tmp / "foreign.pt"}, [], "not a RefNet model file"),
+        ({"model": tmp / "fifteen.pt"}, [], "network has 15 classes but it lists 13 names"),
+        ({"model": tmp / "truncated.pt"}, [], "not a readable RefNet model file"),
         ({"model": tmp / "nope.pt"}, [], "no such model file"),
     ]
 

@@ -149,8 +149,14 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
             f"{path}: model was made for {len(classes)} classes {classes[:4]}..., but this RefNet uses "
             f"the {NUM_CLASSES} classes {list(CLASS_NAMES[:4])}...; use a model trained for these classes."
         )
-    config = RefNetConfig(**{"norm": "instance", **payload["config"]})  # files without "norm" predate batch norm
-    net = RefNet(config)
-    net.load_state_dict(payload["state_dict"])
+    try:
+        config = RefNetConfig(**{"norm": "instance", **payload["config"]})  # files without "norm" predate batch norm
+        if config.num_classes != NUM_CLASSES:
+            raise ValueError(f"its network has {config.num_classes} classes but it lists {len(classes)} names")
+        net = RefNet(config)
+        net.load_state_dict(payload["state_dict"])
+    except (TypeError, KeyError, ValueError, RuntimeError) as err:  # a damaged or hand-edited file
+        raise ValueError(f"{path}: the model file is inconsistent ({err}); re-export it with `refnet train`, or "
+                         "use the shipped model.") from err
     dev = resolve_device(device)
     return LoadedModel(net=net.to(dev).eval(), metadata=metadata, device=dev)
