@@ -235,3 +235,12 @@ def test_ct_given_to_a_label_only_model_is_reported_unused(case, caplog):
     tmp, paths, _ = case
     assert _refine(paths, tmp / "o.nii.gz", "--ct", str(paths["ct"])) == 0
     assert "reads only the label map; --ct" in caplog.text
+
+
+def test_refine_progress_shows_a_bar_and_other_commands_do_not_offer_one(case, capsys):
+    tmp, paths, _ = case
+    assert _refine(paths, tmp / "o.nii.gz", "--progress") == 0
+    assert "slice" in capsys.readouterr().err
+    for command in ("phantoms", "evaluate"):
+        with pytest.raises(SystemExit):
+            _parser().parse_args([command, "--progress"])

@@ -112,9 +112,13 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     model = load_model(args.model, device=args.device)
     if ct is not None and not model.uses_ct:
         logger.warning("this model reads only the label map; --ct %s is not used", args.ct)
+    bar = _slice_bar(args.progress)
     result = refine_label_map_with_report(labels.array, labels.affine, None if ct is None else ct.array,
                                           model=model, scheme=args.label_scheme,
-                                          config=RefineConfig(batch_size=args.batch_size, guards=guards))
+                                          config=RefineConfig(batch_size=args.batch_size, guards=guards),
+                                          progress=bar)
+    if bar is not None:
+        bar.close()
     save_volume(out, result.labels, labels.affine)
     report = result.report
     changed = ", ".join(f"{name} +{a} -{r}" for name, (a, r) in report.changed.items()) or "none"
@@ -125,6 +129,26 @@ def _cmd_refine(args: argparse.Namespace) -> int:
         write_json(args.report, {**report.to_dict(), "guards": guard_settings(guards, model)})
         print(f"report written to {args.report}")
     return 0
+
+
+class _SliceBar:
+    """A tqdm bar over the slices, fed by refinement's ``progress(done, total)`` callback."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(unit="slice", desc="refining")
+
+    def __call__(self, done: int, total: int) -> None:
+        self._bar.total = total
+        self._bar.update(done - self._bar.n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _slice_bar(enabled: bool) -> _SliceBar | None:
+    return _SliceBar() if enabled else None
 
 
 def _same_grid(a, b) -> bool:
@@ -169,7 +193,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    common.add_argument("--progress", action="store_true", help="show progress bars")
+    progress = argparse.ArgumentParser(add_help=False)  # only where a bar is shown
+    progress.add_argument("--progress", action="store_true", help="show progress bars")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("phantoms", parents=[common], help="generate synthetic abdominal CT phantoms (BTCV layout)")
@@ -180,7 +205,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_phantoms)
 
-    s = sub.add_parser("train-segmenters", parents=[common], help="train K base models and predict every case")
+    s = sub.add_parser("train-segmenters", parents=[common, progress],
+                       help="train K base models and predict every case")
     s.add_argument("--data", required=True, help="BTCV-layout dataset folder")
     s.add_argument("--out", required=True, help="folder for segmenters/ and predictions/")
     s.add_argument("--architectures", nargs="+", default=["unet", "segresnet"],
@@ -191,7 +217,8 @@ def _parser() -> argparse.ArgumentParser:
                         "the same N to `refnet train --val-cases` so its per-class check sees unseen cases")
     s.set_defaults(func=_cmd_train_segmenters)
 
-    s = sub.add_parser("train", parents=[common], help="train RefNet on K folders of predictions (Algorithm 1)")
+    s = sub.add_parser("train", parents=[common, progress],
+                       help="train RefNet on K folders of predictions (Algorithm 1)")
     s.add_argument("--data", required=True, help="BTCV-layout dataset with ground truth")
     s.add_argument("--predictions", nargs="+", required=True, help="one folder of label maps per model")
     s.add_argument("--out", required=True, help="model file to write (.pt)")
@@ -208,7 +235,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(override the preset)")
     s.set_defaults(func=_cmd_train)
 
-    s = sub.add_parser("refine", parents=[common], help="refine one label map")
+    s = sub.add_parser("refine", parents=[common, progress], help="refine one label map")
     s.add_argument("--labels", required=True, help="label map to refine (.nii, .nii.gz, .nrrd)")
     s.add_argument("--ct", help="the CT on the same grid (needed by CT-conditioned models)")
     s.add_argument("--model", help="RefNet model file (default: the shipped phantom model)")
@@ -232,7 +259,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--label-scheme", type=_scheme, default="refnet")
     s.set_defaults(func=_cmd_evaluate)
 
-    s = sub.add_parser("demo", parents=[common], help="Algorithm 1 end to end on generated phantoms")
+    s = sub.add_parser("demo", parents=[common, progress], help="Algorithm 1 end to end on generated phantoms")
     s.add_argument("--out", default="demo_out", help="output folder (default demo_out); re-run to resume")
     s.add_argument("--seed", type=int, default=0,
                    help="seed of the generated phantoms (default 0); the models' seeds stay fixed")
