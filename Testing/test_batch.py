@@ -257,14 +257,23 @@ def test_main_refines_then_resumes(tmp_path, model_file, caplog):
         assert entry["report"]["changed"]["Liver"][0] > 0 and entry["report"]["warnings"]
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        assert batch.main([*argv, "--disable-guard", "band"]) == 0
+        assert batch.main(argv) == 0
     assert "0 done, 2 skipped" in caplog.text
     resumed = _summary(tmp_path / "out")
-    assert resumed["guards"]["band"] is False  # this run's settings ...
-    for old, new in zip(first["cases"], resumed["cases"]):  # ... but the skipped cases keep their reports
+    assert resumed["settings"] == first["settings"] and len(first["settings"]["model_sha256"]) == 64
+    for old, new in zip(first["cases"], resumed["cases"]):  # the skipped cases keep their reports
         assert new["status"] == "skipped" and "report from the run that refined it" in new["reason"]
         assert (new["report"], new["guards"]) == (old["report"], old["guards"])
     assert not list((tmp_path / "out").glob(".*"))  # no temporary file left
+    # Other options, scheme or model: skipping would mix two kinds of output in one folder, so it is refused.
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()}
+    other = make_model_file(tmp_path / "other.pt", perturb=False)
+    for extra, what in ((["--disable-guard", "band"], "guards"), (["--label-scheme", "btcv"], "label_scheme"),
+                        (["--model", str(other)], "model_sha256")):
+        caplog.clear()
+        assert batch.main([*argv, *extra]) == 2
+        assert f"made with another {what}" in caplog.text and "new --output folder" in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").iterdir()} == stamps
 
 
 def test_main_passes_disabled_guards_to_every_case(tmp_path, model_file):

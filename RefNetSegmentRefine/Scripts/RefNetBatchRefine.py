@@ -100,8 +100,17 @@ def main(argv: list[str]) -> int:
         return logic.refineArraysWithReport(labels, affine, ct, model=model, labelScheme=args.label_scheme,
                                             guards=guards)
 
-    summary = batch.run_batch(cases, args.output, refineCase, needs_ct=model.uses_ct, load_case=loadCaseWithSlicer,
-                              guards=batch.guard_settings(guards, model))
+    from refnet.checkpoint import default_model_path
+
+    settings = batch.guard_settings(guards, model)
+    try:
+        summary = batch.run_batch(cases, args.output, refineCase, needs_ct=model.uses_ct, load_case=loadCaseWithSlicer,
+                                  guards=settings, settings=batch.run_settings(
+                                      args.model or default_model_path(), label_scheme=args.label_scheme,
+                                      guards=settings))
+    except batch.SettingsMismatch as err:
+        logging.error("RefNet batch: %s", err)
+        return 2
     logging.info("%s", summary.format())
     logging.info("Summary with the report of every case: %s", args.output / batch.SUMMARY_FILE)
     return summary.exit_code

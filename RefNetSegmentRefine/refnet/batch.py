@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -55,6 +56,7 @@ __all__ = [
     "SUMMARY_FILE",
     "BatchSummary",
     "Case",
+    "SettingsMismatch",
     "add_guard_arguments",
     "build_parser",
     "find_cases",
@@ -66,6 +68,7 @@ __all__ = [
     "refine_label_map",
     "refine_label_map_with_report",
     "run_batch",
+    "run_settings",
     "write_json",
 ]
 
@@ -112,6 +115,7 @@ class BatchSummary:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (case, reason)
     cases: list[dict[str, Any]] = field(default_factory=list)
     guards: dict[str, Any] | None = None
+    settings: dict[str, Any] | None = None  # what made the outputs: model hash, label scheme, guards
 
     @property
     def exit_code(self) -> int:
@@ -130,7 +134,7 @@ class BatchSummary:
     def to_dict(self) -> dict[str, Any]:
         """The JSON summary: counts, guard settings, and one entry per case."""
         return {"done": len(self.done), "skipped": len(self.skipped), "failed": len(self.failed),
-                "guards": self.guards, "cases": self.cases}
+                "guards": self.guards, "settings": self.settings, "cases": self.cases}
 
     def format(self) -> str:
         """Multi-line summary: counts, what the guards held back, warnings, then each failure with its reason."""
@@ -283,6 +287,7 @@ def run_batch(
     load_case: Callable[..., LoadedCase] = load_case_files,
     guards: Mapping[str, Any] | None = None,
     summary_file: str | None = SUMMARY_FILE,
+    settings: Mapping[str, Any] | None = None,
 ) -> BatchSummary:
     """Refine each case whose output is missing, writing ``output_dir/<case name>`` atomically.
 
@@ -296,15 +301,24 @@ def run_batch(
         guards: the guard settings ``refine_case`` uses (see :func:`guard_settings`), for the summary.
         summary_file: name of the JSON summary in ``output_dir``, rewritten atomically after every case;
             None writes none.
+        settings: what makes the outputs (see :func:`run_settings`: model hash, label scheme, guards),
+            recorded in the summary; a re-run whose settings differ from the recorded ones is refused,
+            since skipping the finished cases would mix two kinds of output in one folder.
 
     Returns:
         The summary; a case's exception becomes a failure with its message, and the run goes on.
+
+    Raises:
+        SettingsMismatch: ``output_dir`` holds outputs made with other settings.
     """
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary_path = out_dir / summary_file if summary_file else None
     earlier = _earlier_entries(summary_path) if summary_path else {}
-    summary = BatchSummary(guards=None if guards is None else dict(guards))
+    if summary_path is not None and settings is not None:
+        _check_settings(summary_path, dict(settings), [c for c in cases if (out_dir / c.name).exists()])
+    summary = BatchSummary(guards=None if guards is None else dict(guards),
+                           settings=None if settings is None else dict(settings))
     for number, case in enumerate(cases, start=1):
         target = out_dir / case.name
         entry: dict[str, Any] = {"case": case.name, "status": "done", "reason": None, "seconds": None,
@@ -331,6 +345,39 @@ def run_batch(
         if summary_path is not None:
             _write_summary(summary_path, summary)
     return summary
+
+
+class SettingsMismatch(ValueError):
+    """The output folder holds results of a run with another model, label scheme or guard settings."""
+
+
+def run_settings(model_path: str | os.PathLike, *, label_scheme: str, guards: Mapping[str, Any]) -> dict[str, Any]:
+    """What makes a batch's outputs (for :func:`run_batch`'s ``settings``): model file SHA-256, scheme, guards."""
+    digest = hashlib.sha256()
+    with open(model_path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return {"model_sha256": digest.hexdigest(), "model": os.fspath(model_path), "label_scheme": label_scheme,
+            "guards": json.loads(json.dumps(dict(guards)))}
+
+
+def _check_settings(summary_path: Path, settings: dict[str, Any], finished: Sequence[Case]) -> None:
+    if not finished or not summary_path.is_file():
+        return
+    try:
+        recorded = json.loads(summary_path.read_text(encoding="utf-8")).get("settings")
+    except (OSError, ValueError):
+        recorded = None
+    if recorded is None:
+        logger.warning("%s records no settings (an older run?): the %d existing outputs are kept as they are",
+                       summary_path, len(finished))
+        return
+    differ = sorted(k for k in settings if k != "model" and recorded.get(k) != settings[k])
+    if differ:
+        raise SettingsMismatch(
+            f"{summary_path.parent} holds {len(finished)} outputs made with another {', '.join(differ)} "
+            f"(recorded: {', '.join(f'{k}={recorded.get(k)!r}' for k in differ)}); skipping them would mix two "
+            "kinds of output. Use a new --output folder, or delete the old outputs to redo them.")
 
 
 def _refine_one(case: Case, target: Path, refine_case: RefineCase, needs_ct: bool,
@@ -478,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        from .checkpoint import load_model
+        from .checkpoint import default_model_path, load_model
 
         model = load_model(args.model, device=args.device)
         cases = find_cases(args.input, ct_dir=args.ct)
@@ -501,8 +548,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     def refine_case(labels, affine, ct):
         return refine_label_map_with_report(labels, affine, ct, model=model, scheme=args.label_scheme, config=config)
 
-    summary = run_batch(cases, args.output, refine_case, needs_ct=model.uses_ct,
-                        guards=guard_settings(guards, model))
+    settings = guard_settings(guards, model)
+    try:
+        summary = run_batch(cases, args.output, refine_case, needs_ct=model.uses_ct, guards=settings,
+                            settings=run_settings(args.model or default_model_path(), label_scheme=args.label_scheme,
+                                                  guards=settings))
+    except SettingsMismatch as err:
+        logger.error("RefNet batch: %s", err)
+        return 2
     logger.info("%s", summary.format())
     logger.info("Summary with the report of every case: %s", args.output / SUMMARY_FILE)
     return summary.exit_code
