@@ -86,6 +86,7 @@ def test_training_learns_to_fill_ragged_edges(tmp_path):
 
 
 def test_simulated_pairs_come_from_training_cases_only_and_are_seeded(tmp_path):
+    from refnet.error_simulator import PLAUSIBLE_VARIATION
     from refnet.train import _simulated_pairs
 
     pairs = [_pair(s) for s in range(3)]
@@ -95,8 +96,11 @@ def test_simulated_pairs_come_from_training_cases_only_and_are_seeded(tmp_path):
     assert any((p.raw != p.target).any() for p in sim)
     again = _simulated_pairs(pairs, 2, TrainConfig().errors, seed=0)
     assert all(np.array_equal(a.raw, b.raw) for a, b in zip(sim, again))
-    model = train_refnet(pairs, _config(simulated_pairs=2, epochs=1), work_dir=tmp_path)
-    assert model.metadata["training"]["simulated_pairs"] == 2
+    plausible = _simulated_pairs(pairs, 1, PLAUSIBLE_VARIATION, seed=0, plausible=True)
+    assert all(np.array_equal(p.raw, p.target) for p in plausible)  # a correct variant is its own target
+    assert any((p.target != pairs[p.case_id].target).any() for p in plausible)
+    model = train_refnet(pairs, _config(simulated_pairs=2, plausible_pairs=1, epochs=1), work_dir=tmp_path)
+    assert model.metadata["training"]["simulated_pairs"] == 2 and model.metadata["training"]["plausible_pairs"] == 1
     assert model.metadata["training"]["val_cases"] == [2]
 
 
@@ -123,7 +127,8 @@ def test_gate_drops_only_classes_that_got_worse():
     ("kwargs", "match"),
     [({"optimizer": "sgd"}, "optimizer must be one of"), ({"crop_size": 40}, "multiple of 16"),
      ({"lr": 0}, "must be positive"), ({"val_cases": -1}, "val_cases"),
-     ({"simulated_pairs": -1}, "simulated_pairs must be >= 0")],
+     ({"simulated_pairs": -1}, "simulated_pairs and plausible_pairs must be >= 0"),
+     ({"plausible_pairs": -1}, "plausible_pairs must be >= 0")],
 )
 def test_config_ill_opts(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["ErrorConfig", "simulate_errors"]
+__all__ = ["PLAUSIBLE_VARIATION", "ErrorConfig", "simulate_errors"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,12 @@ class ErrorConfig:
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
                 raise ValueError(f"ErrorConfig.{name} must be (min, max) with 0 < min <= max, got {(lo, hi)}.")
+
+
+PLAUSIBLE_VARIATION = ErrorConfig(shift_mm=1.5, jitter_mm=1.5, hole_prob=0.0, island_prob=0.0, slice_prob=0.0,
+                                  clean_prob=0.0)
+"""Boundary variation within what two careful annotators draw (about a voxel of a clinical CT): a map
+changed this much is still a correct map, so RefNet must leave it alone (no holes, islands or slices)."""
 
 
 def _bbox(mask: np.ndarray, pad: Sequence[int]) -> tuple[slice, ...]:

@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import LoadedModel, save_model
 from .device import resolve_device
-from .error_simulator import ErrorConfig, simulate_errors
+from .error_simulator import PLAUSIBLE_VARIATION, ErrorConfig, simulate_errors
 from .evaluate import dice_per_class, summarise
 from .guards import GuardConfig
 from .labels import NUM_CLASSES
@@ -64,6 +64,8 @@ class TrainConfig:
     simulated_pairs: int = 0  # per training case, (simulated errors -> ground truth) pairs with no direction
     #                           of error (refnet.error_simulator), so no one base model's bias is learned
     errors: ErrorConfig = field(default_factory=ErrorConfig)  # strengths of the simulated errors
+    plausible_pairs: int = 0  # per training case, (plausible variant -> itself) pairs: ground truth with its
+    #                           boundaries moved within annotator variation stays as it is (do no harm)
     band_mm: float = 6.0  # the band guard's width stored in the model file
     thresholds: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)  # confidence thresholds tried on held-out cases
     max_harm: float = 0.002  # Dice a class may lose when held-out ground truth is refined (the no-harm bar 0.998)
@@ -88,8 +90,9 @@ class TrainConfig:
             raise ValueError(f"thresholds must be probabilities in [0, 1], got {self.thresholds}.")
         if self.val_every < 1:
             raise ValueError(f"val_every must be >= 1, got {self.val_every}.")
-        if self.simulated_pairs < 0:
-            raise ValueError(f"simulated_pairs must be >= 0, got {self.simulated_pairs}.")
+        if self.simulated_pairs < 0 or self.plausible_pairs < 0:
+            raise ValueError(f"simulated_pairs and plausible_pairs must be >= 0, got {self.simulated_pairs}, "
+                             f"{self.plausible_pairs}.")
 
 
 @dataclass(frozen=True)
@@ -237,16 +240,20 @@ def _identity_pairs(pairs: Sequence[TrainingPair]) -> list[TrainingPair]:
     return list(seen.values())
 
 
-def _simulated_pairs(pairs: Sequence[TrainingPair], count: int, config: ErrorConfig, seed: int
-                     ) -> list[TrainingPair]:
-    """``count`` (simulated errors -> ground truth) pairs per case, seeded by (seed, case, n)."""
+def _simulated_pairs(pairs: Sequence[TrainingPair], count: int, config: ErrorConfig, seed: int, *,
+                     plausible: bool = False) -> list[TrainingPair]:
+    """``count`` (simulated errors -> ground truth) pairs per case, seeded by (seed, case, n).
+
+    With ``plausible`` the corrupted map is its own target: a variant of a correct map that is still correct.
+    """
     out = []
     for truth in _identity_pairs(pairs):
         spacing = voxel_spacing(truth.affine)
         for n in range(count):
-            rng = np.random.default_rng([seed, truth.case_id, n])
-            out.append(replace(truth, raw=simulate_errors(truth.target, spacing, rng, config=config),
-                               source=f"simulated_{n}"))
+            rng = np.random.default_rng([seed, truth.case_id, n, int(plausible)])
+            raw = simulate_errors(truth.target, spacing, rng, config=config)
+            out.append(replace(truth, raw=raw, target=raw if plausible else truth.target,
+                               source=f"{'plausible' if plausible else 'simulated'}_{n}"))
     return out
 
 
@@ -381,7 +388,8 @@ def train_refnet(
     extra = [replace(p, raw=p.target, source="ground_truth") for p in _identity_pairs(extra_maps)]
     fit = train_pairs + (_identity_pairs(train_pairs) if config.identity_pairs else []) + extra
     fit = [_at_spacing(p, config.spacing_mm) for p in fit]
-    fit += _simulated_pairs(fit, config.simulated_pairs, config.errors, config.seed)  # at the model spacing
+    fit += (_simulated_pairs(fit, config.simulated_pairs, config.errors, config.seed)  # at the model spacing
+            + _simulated_pairs(fit, config.plausible_pairs, PLAUSIBLE_VARIATION, config.seed, plausible=True))
     loss_fn = RefNetLoss(raw_weight=config.raw_weight, dice_weight=config.dice_weight,
                          class_weights=_class_weights(fit, config.class_weight_power)).to(device)
     start, best = _resume(work, net, optimiser)
@@ -442,6 +450,7 @@ def _metadata(config, pairs, train_pairs, val_pairs, provenance) -> dict[str, An
             "pairs": len(pairs),
             "identity_pairs": config.identity_pairs,
             "simulated_pairs": config.simulated_pairs,
+            "plausible_pairs": config.plausible_pairs,
             "train_cases": sorted({p.case_id for p in train_pairs}),
             "val_cases": sorted({p.case_id for p in val_pairs}),
             "sources": sorted({p.source for p in pairs}),
