@@ -423,3 +423,12 @@ def test_script_as_main_always_exits_through_slicer(tmp_path, standin, monkeypat
                                       str(tmp_path / "out"), "--model", str(model)])
     runpy.run_path(str(SCRIPT), run_name="__main__")  # the stand-in has no loadLabelVolume: cases fail
     assert standin.app.exit_status == 1
+
+
+def test_a_rerun_sweeps_temporary_files_an_interrupted_run_left(tmp_path, model_file):
+    root = _dataset(tmp_path / "in", names=("label0001.nii.gz",))
+    (tmp_path / "out").mkdir()
+    stale = tmp_path / "out" / ".label0001.x1y2z3w4.nii.gz"
+    stale.write_bytes(b"half a file")
+    assert batch.main(["--input", str(root), "--output", str(tmp_path / "out"), "--model", str(model_file)]) == 0
+    assert not stale.exists() and (tmp_path / "out" / "label0001.nii.gz").exists()

@@ -91,3 +91,39 @@ def test_unreadable_files_name_the_file_and_the_fix(tmp_path, name, content, mat
     (tmp_path / name).write_bytes(data)
     with pytest.raises(ValueError, match=f"{name}: {match}"):
         load_volume(tmp_path / name)
+
+
+def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import nibabel as nib
+    from refnet.io import stop_on_sigterm
+
+    real_save = nib.save
+
+    def killed_mid_write(img, filename):
+        real_save(img, filename)  # the temporary file now exists ...
+        os.kill(os.getpid(), signal.SIGTERM)  # ... and the job scheduler stops us
+
+    previous = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(nib, "save", killed_mid_write)
+    try:
+        stop_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            save_volume(tmp_path / "out.nii.gz", np.zeros((3, 3, 3), np.uint8), np.eye(4))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_removes_only_our_leftover_temporaries(tmp_path):
+    from refnet.io import sweep_temporaries
+
+    names = [".label0001.ab12_xyz.nii.gz", ".refnet_batch_summary.json.k3j4h5g6.tmp", ".case.q1w2e3r4.nrrd",
+             "label0001.nii.gz", ".hidden_notes.txt", ".label0002.short.nii.gz"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    removed = sweep_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted(names[:3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[3:])

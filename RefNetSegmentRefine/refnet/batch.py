@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .guards import GUARD_NAMES, GuardConfig
-from .io import load_volume, save_volume, volume_suffix, write_json
+from .io import load_volume, save_volume, stop_on_sigterm, sweep_temporaries, volume_suffix, write_json
 from .labels import LABEL_SCHEMES, from_class_labels, to_class_labels
 
 if TYPE_CHECKING:  # the checkpoint and refine modules import torch; only load them when refining
@@ -313,6 +313,8 @@ def run_batch(
     """
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in sweep_temporaries(out_dir):
+        logger.info("removed %s, left by an interrupted earlier run", stale.name)
     summary_path = out_dir / summary_file if summary_file else None
     earlier = _earlier_entries(summary_path) if summary_path else {}
     if summary_path is not None and settings is not None:
@@ -524,6 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    stop_on_sigterm()
     try:
         from .checkpoint import default_model_path, load_model
 
@@ -556,6 +559,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsMismatch as err:
         logger.error("RefNet batch: %s", err)
         return 2
+    except KeyboardInterrupt:
+        logger.error("RefNet batch: interrupted; finished cases are complete, a re-run refines the rest.")
+        return 130
     logger.info("%s", summary.format())
     logger.info("Summary with the report of every case: %s", args.output / SUMMARY_FILE)
     return summary.exit_code

@@ -274,7 +274,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         from .device import resolve_device
+        from .io import stop_on_sigterm
 
+        stop_on_sigterm()  # a killed run leaves no temporary file behind
         resolve_device(args.device)  # a bad or absent device fails now, not after minutes of work
         return args.func(args)
     except (ValueError, FileNotFoundError) as err:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import tempfile
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,8 @@ __all__ = [
     "load_volume",
     "read_affine",
     "save_volume",
+    "stop_on_sigterm",
+    "sweep_temporaries",
     "volume_suffix",
     "write_json",
 ]
@@ -182,6 +187,38 @@ def _nrrd_affine(header: dict, path: Path) -> np.ndarray:
     if space in ("left-posterior-superior", "lps"):
         affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine  # NRRD is usually LPS; our affines are RAS
     return affine
+
+
+# Names of the temporary files of atomic_path and write_json: ".<name>.<8 random chars><suffix>".
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}(\.nii\.gz|\.nii|\.seg\.nrrd|\.nrrd|\.tmp)$")
+
+
+def sweep_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that an interrupted write left in ``folder`` (hidden, of our naming pattern).
+
+    Returns:
+        The paths removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        if path.is_file() and _TEMPORARY.match(path.name):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def stop_on_sigterm() -> None:
+    """Turn SIGTERM (``kill``, a job scheduler's stop) into KeyboardInterrupt, so that the ``finally`` of an
+    atomic write removes its temporary file instead of the process dying with it left behind."""
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def atomic_path(path: str | os.PathLike) -> tuple[Path, Path]:
