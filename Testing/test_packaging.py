@@ -261,3 +261,15 @@ def test_requirements_parse_and_leave_torch_to_the_pytorch_extension():
     names = {Requirement(ln).name.lower() for ln in lines if ln}
     assert {"monai", "nibabel"} <= names
     assert not names & {"torch", "numpy"}  # torch: PyTorch extension; numpy: shipped with Slicer
+
+
+def test_console_scripts_point_at_real_entry_points():
+    """`refnet` and `refnet-batch` (named in the README) are installed and resolve to callables."""
+    import importlib
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert set(scripts) == {"refnet", "refnet-batch"}
+    for target in scripts.values():
+        module, _, name = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), name))
