@@ -502,6 +502,9 @@ def parse_args(argv: Sequence[str], *, prog: str = "refnet-batch") -> argparse.N
     """Parse and cross-check batch arguments; exits with status 2 on bad input (argparse)."""
     parser = build_parser(prog)
     args = parser.parse_args(list(argv))
+    if args.input.is_file():
+        parser.error(f"--input {args.input}: is a file, not a folder; give the folder that holds the label maps "
+                     "(for one file use `refnet refine`).")
     if not args.input.is_dir():
         parser.error(f"--input {args.input}: no such folder.")
     inputs = {args.input.resolve(), (args.input / "label").resolve()}
