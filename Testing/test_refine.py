@@ -165,3 +165,31 @@ def test_tiny_in_plane_volume(tiny_model):
     lab[2:4, 1:4, 1] = 6
     out = refine_labels(lab, np.eye(4), tiny_model, config=RefineConfig(margin_mm=0))
     assert out.shape == lab.shape
+
+
+def test_out_of_memory_splits_the_batch_and_gives_the_same_result(tiny_model, monkeypatch, caplog):
+    import refnet.refine as refine_module
+
+    lab = _labels()
+    expected = refine_labels(lab, np.eye(4), tiny_model)
+    real = refine_module.predict_logits
+
+    def small_memory(model, labels, ct=None):
+        if len(labels) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, labels, ct)
+
+    monkeypatch.setattr(refine_module, "predict_logits", small_memory)
+    np.testing.assert_array_equal(refine_labels(lab, np.eye(4), tiny_model), expected)
+    assert "out of memory" in caplog.text and "retrying in batches of" in caplog.text
+
+
+def test_a_slice_that_never_fits_is_a_clear_memory_error(tiny_model, monkeypatch):
+    import refnet.refine as refine_module
+
+    def no_memory(model, labels, ct=None):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB: out of memory")
+
+    monkeypatch.setattr(refine_module, "predict_logits", no_memory)
+    with pytest.raises(MemoryError, match="does not fit in memory"):
+        refine_labels(_labels(), np.eye(4), tiny_model)

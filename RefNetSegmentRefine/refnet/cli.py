@@ -289,9 +289,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:  # disk full, a folder where a file was expected, ...
         print(f"refnet {args.command}: error: {err}", file=sys.stderr)
         return 2
-    except MemoryError:
-        print(f"refnet {args.command}: error: out of memory; try a smaller --batch-size, or a machine with more "
-              "memory.", file=sys.stderr)
+    except MemoryError as err:
+        print(f"refnet {args.command}: error: {err or 'out of memory'}; try a smaller --batch-size, or a machine "
+              "with more memory.", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"refnet {args.command}: interrupted; finished files are complete, unfinished ones were not "

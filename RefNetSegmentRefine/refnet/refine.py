@@ -264,7 +264,7 @@ def propose(canon: np.ndarray, spacing, model: LoadedModel, *, ct: np.ndarray | 
         centres = np.arange(start, min(box[2].stop, start + config.batch_size))
         slab = label_slab(work, centres - z0, plan.offsets)  # (B, S, U, V)
         ct_slab = None if work_ct is None else label_slab(work_ct, centres - z0, [0])
-        probs = torch.softmax(predict_logits(model, slab, ct_slab), dim=1)  # (B, C, U, V)
+        probs = _probabilities(model, slab, ct_slab)  # (B, C, U, V)
         k = slice(start - box[2].start, centres[-1] + 1 - box[2].start)
         absent_held += _to_box(probs, keep, torch.as_tensor(slab[:, slab.shape[1] // 2].astype(np.int64),
                                                             device=probs.device),
@@ -272,6 +272,36 @@ def propose(canon: np.ndarray, spacing, model: LoadedModel, *, ct: np.ndarray | 
         if progress is not None and progress(int(centres[-1] + 1 - box[2].start), total) is False:
             raise RefinementCancelled("refinement cancelled; the input was left unchanged.")
     return Proposal(box, raw, candidate, confidence, absent_held, tuple(spacing))
+
+
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError from torch 2.5
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, (MemoryError, _OOM)) or "out of memory" in str(err).lower()
+
+
+def _probabilities(model: LoadedModel, slab: np.ndarray, ct_slab: np.ndarray | None) -> torch.Tensor:
+    """Softmax of the net over a batch of slabs; out of memory, the batch is split in halves (down to one slice).
+
+    A slice that does not fit even alone is an error naming the fix (a smaller machine than the volume).
+    """
+    try:
+        return torch.softmax(predict_logits(model, slab, ct_slab), dim=1)
+    except (RuntimeError, MemoryError) as err:
+        if not _is_out_of_memory(err):
+            raise
+        if model.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(slab) == 1:
+            raise MemoryError(f"one slice of {slab.shape[-2]} x {slab.shape[-1]} pixels does not fit in memory on "
+                              f"{model.device}; free memory (close other programs) or use --device cpu.") from err
+    half = len(slab) // 2
+    logger.warning("out of memory on %s with %d slices at once; retrying in batches of %d", model.device,
+                   len(slab), half)
+    parts = [_probabilities(model, slab[a:b], None if ct_slab is None else ct_slab[a:b])
+             for a, b in ((0, half), (half, len(slab)))]
+    return torch.cat(parts)
 
 
 def _to_box(probs, keep, raw_model, plan: _Plan, raw, candidate, confidence) -> int:
