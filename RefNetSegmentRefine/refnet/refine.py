@@ -14,6 +14,7 @@ the absent-class one) then :func:`apply_guards`; :func:`refine_volume` chains th
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable
@@ -293,6 +294,10 @@ def _probabilities(model: LoadedModel, slab: np.ndarray, ct_slab: np.ndarray | N
             raise
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
+            if len(slab) == 1:  # the GPU cannot hold even one slice: this slice on the CPU
+                logger.warning("out of GPU memory for a single slice; running it on the CPU")
+                cpu = LoadedModel(copy.deepcopy(model.net).cpu(), model.metadata, torch.device("cpu"))
+                return _probabilities(cpu, slab, ct_slab).to(model.device)
         if len(slab) == 1:
             raise MemoryError(f"one slice of {slab.shape[-2]} x {slab.shape[-1]} pixels does not fit in memory on "
                               f"{model.device}; free memory (close other programs) or use --device cpu.") from err
