@@ -45,17 +45,23 @@ REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_label
 DEV_SPACINGS = ((0.8, 3.0), (0.8, 2.5), (1.0, 5.0))  # (in-plane, slice) mm of the development phantoms
 
 
-def _variants() -> dict[str, tuple[object, int]]:
-    """name -> (TrainConfig, extra-anatomy maps)."""
+# Extra anatomy at the slice spacings of clinical CT (the demo's own phantoms have 4-5 mm slices).
+THIN = PhantomConfig(inplane_spacing_mm=(1.4, 1.6), slice_spacing_mm=(2.5, 3.5), deform_mm=16.0, shape_jitter=1.6)
+
+
+def _variants() -> dict[str, tuple[object, int, object]]:
+    """name -> (TrainConfig, extra-anatomy maps, their PhantomConfig or None for the default)."""
     base = DemoConfig().train
     return {
-        "previous": (replace(base, simulated_pairs=0), 0),
-        "simulated": (replace(base, simulated_pairs=3), 0),
-        "simulated_w05": (replace(base, simulated_pairs=3, raw_weight=0.5), 0),
-        "simulated_anatomy": (replace(base, simulated_pairs=3), 20),
-        "simulated_anatomy_w05": (replace(base, simulated_pairs=3, raw_weight=0.5), 20),
-        "simulated_plausible": (replace(base, simulated_pairs=3, plausible_pairs=2), 0),
-        "simulated_anatomy_plausible": (replace(base, simulated_pairs=3, plausible_pairs=2), 20),
+        "previous": (replace(base, simulated_pairs=0), 0, None),
+        "simulated": (replace(base, simulated_pairs=3), 0, None),
+        "simulated_w05": (replace(base, simulated_pairs=3, raw_weight=0.5), 0, None),
+        "simulated_anatomy": (replace(base, simulated_pairs=3), 20, None),
+        "simulated_anatomy_w05": (replace(base, simulated_pairs=3, raw_weight=0.5), 20, None),
+        "simulated_plausible": (replace(base, simulated_pairs=3, plausible_pairs=2), 0, None),
+        "simulated_anatomy_plausible": (replace(base, simulated_pairs=3, plausible_pairs=2), 20, None),
+        "anatomy_thin": (replace(base, simulated_pairs=0), 20, THIN),
+        "simulated_anatomy_thin": (replace(base, simulated_pairs=3), 20, THIN),
     }
 
 
@@ -109,11 +115,11 @@ def main() -> None:
     dev = _dev_maps()
     real_dev = _real_dev_maps(Path(args.real_dir))
     rows = []
-    for name, (config, extra) in _variants().items():
+    for name, (config, extra, extra_config) in _variants().items():
         if args.variants and name not in args.variants:
             continue
         model = train_refnet(pairs, config, work_dir=demo / f"selection_{name}", output=demo / f"selection_{name}.pt",
-                             extra_maps=extra_anatomy_maps(extra))
+                             extra_maps=extra_anatomy_maps(extra, config=extra_config))
         gated = model.metadata["validation_gated"]
         val_pairs = {p.case_id: p for p in pairs if p.case_id in model.metadata["training"]["val_cases"]}
         truth = [(f"held-out {c}", p.target, p.affine) for c, p in val_pairs.items()]
