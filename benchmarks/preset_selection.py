@@ -139,6 +139,7 @@ def main() -> None:
                                                                      for h in real.values()])), 4),
                "correct_maps": {n: h["mean_dice"] for n, h in {**harm, **real}.items()}}
         rows.append(row)
+        Path(args.out).write_text(json.dumps({"dev_spacings": DEV_SPACINGS, "rows": rows}, indent=2) + "\n")
         print(f"{name:<16} held-out {raw:.4f} -> {ref:.4f} ({row['held_out_gain_percent']:+.2f}%); correct maps: "
               f"min {row['correct_min_dice']:.4f}, worst organ {row['correct_min_organ']:.4f}, "
               f"mean {row['correct_mean_dice']:.4f}; real dev: min {row['real_dev_min_dice']:.4f}, worst organ "
