@@ -154,3 +154,30 @@ def test_validation_cases_are_the_last_ids_and_match_the_training_split(tmp_path
         validation_cases([1, 2], -1)
     model = train_refnet([_pair(i) for i in (4, 1, 3)], _config(val_cases=1), work_dir=tmp_path)
     assert model.metadata["training"]["val_cases"] == validation_cases([4, 1, 3], 1) == [4]
+
+
+def test_label_maps_without_ct_load_as_canonical_identity_pairs(tmp_path):
+    from refnet.io import save_volume
+    from refnet.pairs import EXTRA_LABELS_IDS, load_label_maps
+
+    gt = _pair(0).target
+    (tmp_path / "ras").mkdir()
+    (tmp_path / "lps").mkdir()
+    flare = np.where(gt == 6, 1, np.where(gt == 1, 3, 0)).astype(np.uint8)  # FLARE22: liver 1, spleen 3
+    save_volume(tmp_path / "ras" / "b.nii.gz", flare, np.diag([0.8, 0.8, 2.5, 1.0]))
+    save_volume(tmp_path / "ras" / "a.nii.gz", flare, np.diag([0.8, 0.8, 2.5, 1.0]))
+    (tmp_path / "ras" / "notes.txt").write_text("not a volume")
+    pairs = load_label_maps(tmp_path / "ras", scheme="flare22")
+    assert [p.source for p in pairs] == ["a.nii.gz", "b.nii.gz"]
+    assert [p.case_id for p in pairs] == [EXTRA_LABELS_IDS, EXTRA_LABELS_IDS + 1]
+    assert all(np.array_equal(p.raw, p.target) for p in pairs)
+    np.testing.assert_array_equal(pairs[0].target, np.where(gt == 12, 0, gt))  # read as RefNet classes
+    save_volume(tmp_path / "lps" / "c.nii.gz", gt, np.diag([-0.8, -0.8, 2.5, 1.0]))
+    (lps,) = load_label_maps(tmp_path / "lps")
+    np.testing.assert_array_equal(lps.target, gt[::-1, ::-1])  # brought to canonical RAS
+    assert np.all(np.diag(lps.affine)[:3] > 0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no label maps"):
+        load_label_maps(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        load_label_maps(tmp_path / "nope")

@@ -82,7 +82,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import train_from_folders
 
     out = train_from_folders(args.data, args.predictions, args.out, config=_train_config(args),
-                             work_dir=args.work_dir, scheme=args.label_scheme, progress=args.progress)
+                             work_dir=args.work_dir, scheme=args.label_scheme, progress=args.progress,
+                             extra_label_dirs=args.extra_labels or (), extra_scheme=args.extra_labels_scheme)
     print(out)
     return 0
 
@@ -230,6 +231,10 @@ def _parser() -> argparse.ArgumentParser:
     for name, typ in (("optimizer", str), ("lr", float), ("epochs", int), ("steps-per-epoch", int),
                       ("batch-size", int), ("raw-weight", float), ("val-cases", int), ("seed", int)):
         s.add_argument(f"--{name}", type=typ, help="override the preset")
+    s.add_argument("--extra-labels", nargs="+", metavar="DIR",
+                   help="folders of extra correct label maps without CT (e.g. manual annotations you may train "
+                        "on): identity and simulated-error pairs for a label-only model")
+    s.add_argument("--extra-labels-scheme", type=_scheme, default="refnet", help="label values of --extra-labels")
     s.add_argument("--simulated-pairs", type=int, metavar="N",
                    help="also train on N pairs per case of simulated, direction-free errors of the ground truth "
                         "(override the preset)")

@@ -16,7 +16,9 @@ from .geometry import canonical_affine, to_canonical
 from .io import read_affine
 from .train import TrainingPair
 
-__all__ = ["load_training_pairs"]
+__all__ = ["EXTRA_LABELS_IDS", "load_label_maps", "load_training_pairs"]
+
+EXTRA_LABELS_IDS = 20_000  # case id of the first extra label map (datasets and extra phantoms use lower ids)
 
 
 def load_training_pairs(
@@ -66,4 +68,42 @@ def load_training_pairs(
             pairs.append(TrainingPair(raw=np.ascontiguousarray(to_canonical(raw, ct.affine)[0]),
                                       target=np.ascontiguousarray(canon_target), case_id=case.case_id,
                                       source=source, ct=canon_ct, affine=affine))
+    return pairs
+
+
+def load_label_maps(folder: str | os.PathLike, *, scheme: str = "refnet") -> list[TrainingPair]:
+    """Correct label maps without CT or predictions (e.g. manual annotations) as identity training pairs.
+
+    Every NIfTI/NRRD file in ``folder`` (sorted by name, not recursive) becomes one pair with
+    ``raw = target``, in canonical layout, case ids from :data:`EXTRA_LABELS_IDS` on; pass them to
+    :func:`refnet.train.train_refnet` as ``extra_maps`` (with ``simulated_pairs`` they also give
+    simulated-error pairs). Only train on maps whose licence allows it.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a folder.
+        ValueError: no label map in it, or a file that is not a valid label map of ``scheme``.
+    """
+    from .io import load_volume, volume_suffix
+    from .labels import to_class_labels
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder of label maps.")
+    files = []
+    for path in sorted(root.iterdir()):
+        try:
+            volume_suffix(path)
+        except ValueError:
+            continue
+        if path.is_file() and not path.name.startswith("."):
+            files.append(path)
+    if not files:
+        raise ValueError(f"{root}: no label maps (.nii.gz, .nii, .nrrd) found.")
+    pairs = []
+    for n, path in enumerate(files):
+        vol = load_volume(path)
+        classes, _ = to_class_labels(vol.array, scheme)
+        canon = np.ascontiguousarray(to_canonical(classes, vol.affine)[0])
+        pairs.append(TrainingPair(raw=canon, target=canon, case_id=EXTRA_LABELS_IDS + n, source=path.name,
+                                  affine=canonical_affine(vol.affine, vol.array.shape)))
     return pairs

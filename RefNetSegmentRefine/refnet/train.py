@@ -520,6 +520,8 @@ def train_from_folders(
     work_dir: str | os.PathLike | None = None,
     scheme: str = "refnet",
     progress: bool = False,
+    extra_label_dirs: Sequence[str | os.PathLike] = (),
+    extra_scheme: str = "refnet",
 ) -> Path:
     """Train from a BTCV-layout dataset and K folders of predictions on its training cases.
 
@@ -530,14 +532,23 @@ def train_from_folders(
         config: training settings.
         work_dir: checkpoints and log (default: beside ``output``).
         scheme: label scheme of the prediction files.
+        extra_label_dirs: folders of extra correct label maps without CT (see
+            :func:`refnet.pairs.load_label_maps`), for label-only models.
+        extra_scheme: label scheme of those maps.
 
     Returns:
         ``output``.
     """
-    from .pairs import load_training_pairs
+    from .pairs import EXTRA_LABELS_IDS, load_label_maps, load_training_pairs
 
     config = config or TrainConfig()
     pairs = load_training_pairs(dataset_dir, prediction_dirs, scheme=scheme, with_ct=config.model.ct_channels > 0)
+    extra: list[TrainingPair] = []
+    for folder in extra_label_dirs:
+        if config.model.ct_channels:
+            raise ValueError("extra label maps have no CT; train a label-only model to use them (drop --ct).")
+        extra += [replace(p, case_id=EXTRA_LABELS_IDS + len(extra) + i) for i, p in
+                  enumerate(load_label_maps(folder, scheme=extra_scheme))]
     work = Path(work_dir) if work_dir is not None else Path(output).parent / f"{Path(output).stem}_work"
-    train_refnet(pairs, config, work_dir=work, output=output, progress=progress)
+    train_refnet(pairs, config, work_dir=work, output=output, progress=progress, extra_maps=extra)
     return Path(output)
