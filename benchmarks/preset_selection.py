@@ -51,9 +51,9 @@ THIN = PhantomConfig(inplane_spacing_mm=(1.4, 1.6), slice_spacing_mm=(2.5, 3.5),
 
 def _variants() -> dict[str, tuple[object, int, object]]:
     """name -> (TrainConfig, extra-anatomy maps, their PhantomConfig or None for the default)."""
-    base = DemoConfig().train
+    base = replace(DemoConfig().train, simulated_pairs=0)  # the preset before this selection
     return {
-        "previous": (replace(base, simulated_pairs=0), 0, None),
+        "previous": (base, 0, None),
         "simulated": (replace(base, simulated_pairs=3), 0, None),
         "simulated_w05": (replace(base, simulated_pairs=3, raw_weight=0.5), 0, None),
         "simulated_anatomy": (replace(base, simulated_pairs=3), 20, None),
