@@ -284,25 +284,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_on_sigterm()  # a killed run leaves no temporary file behind
         resolve_device(args.device)  # a bad or absent device fails now, not after minutes of work
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"refnet {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except PermissionError as err:
-        print(f"refnet {args.command}: error: {err.filename or err}: permission denied; choose a file or folder "
-              "you can read and write.", file=sys.stderr)
-        return 2
-    except OSError as err:  # disk full, a folder where a file was expected, ...
-        print(f"refnet {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except MemoryError as err:
-        print(f"refnet {args.command}: error: {err or 'out of memory'}; try a smaller --batch-size, or a machine "
-              "with more memory.", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"refnet {args.command}: interrupted; finished files are complete, unfinished ones were not "
               "written.", file=sys.stderr)
         return 130
+    except (ValueError, OSError, MemoryError) as err:  # OSError: missing files, permissions, a full disk
+        print(f"refnet {args.command}: error: {_describe(err)}", file=sys.stderr)
+        return 2
 
+
+def _describe(err: BaseException) -> str:
+    """The user-facing text of an error that ends a command."""
+    if isinstance(err, PermissionError):
+        return f"{err.filename or err}: permission denied; choose a file or folder you can read and write."
+    if isinstance(err, MemoryError):
+        return f"{err or 'out of memory'}; try a smaller --batch-size, or a machine with more memory."
+    return str(err)
 
 if __name__ == "__main__":
     sys.exit(main())
