@@ -244,3 +244,12 @@ def test_refine_progress_shows_a_bar_and_other_commands_do_not_offer_one(case, c
     for command in ("phantoms", "evaluate"):
         with pytest.raises(SystemExit):
             _parser().parse_args([command, "--progress"])
+
+
+def test_error_descriptions_name_the_fix():
+    from refnet.cli import _describe
+
+    assert _describe(PermissionError(13, "Permission denied", "/data/out.nii.gz")) == (
+        "/data/out.nii.gz: permission denied; choose a file or folder you can read and write.")
+    assert "smaller --batch-size" in _describe(MemoryError())
+    assert _describe(ValueError("bad thing; fix it")) == "bad thing; fix it"
