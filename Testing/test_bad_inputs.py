@@ -11,6 +11,7 @@ import logging
 import os
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -56,6 +57,9 @@ def files(tmp_path):
     save_volume(tmp_path / "big.nii.gz", np.where(lab > 0, 20, 0).astype(np.uint8), AFFINE)
     save_volume(tmp_path / "ct_small.nii.gz", np.zeros((8, 8, 4), np.float32), AFFINE)
     save_volume(tmp_path / "ct_moved.nii.gz", np.zeros(lab.shape, np.float32), AFFINE + np.eye(4) * 0.5)
+    shifted = AFFINE.copy()
+    shifted[0, 3] = 5.0
+    save_volume(tmp_path / "ct_shifted.nii.gz", np.zeros(lab.shape, np.float32), shifted)
     nan_ct = np.zeros(lab.shape, np.float32)
     nan_ct[:, :, 3] = np.nan
     save_volume(tmp_path / "ct_nan.nii.gz", nan_ct, AFFINE)
@@ -64,6 +68,10 @@ def files(tmp_path):
     save_model(tmp_path / "fifteen.pt", RefNet(RefNetConfig(num_classes=15, features=TINY_FEATURES)))
     torch.save({"format": "something else"}, tmp_path / "foreign.pt")
     (tmp_path / "truncated.pt").write_bytes(paths["model"].read_bytes()[:400])
+    header = nib.Nifti1Header()
+    header.set_data_shape((32000, 32000, 32000))
+    header.set_data_dtype(np.float64)
+    (tmp_path / "huge.nii").write_bytes(header.binaryblock + b"\0" * 104)  # 262 TB declared, 100 bytes there
     (tmp_path / "exists.nii.gz").write_bytes(b"keep me")
     (tmp_path / "adir").mkdir()
     return tmp_path, paths
@@ -88,7 +96,9 @@ REFINE_CASES = [
     ("negative labels", "--labels {d}/neg.nii.gz", 2, "outside the 13 RefNet classes"),
     ("labels outside the table", "--labels {d}/big.nii.gz", 2, "--label-scheme"),
     ("CT of another shape", "--ct {d}/ct_small.nii.gz", 2, "different grids"),
-    ("CT of another position", "--ct {d}/ct_moved.nii.gz", 2, "different grids"),
+    ("CT of another spacing", "--ct {d}/ct_moved.nii.gz", 2, "(spacing [1.4, 1.4, 3.5] vs [0.9, 0.9, 3.0] mm)"),
+    ("CT of another origin", "--ct {d}/ct_shifted.nii.gz", 2, "(origin [5.0, 0.0, 0.0] vs [0.0, 0.0, 0.0] mm)"),
+    ("shape too large for memory", "--labels {d}/huge.nii", 2, "declares a volume too large for this machine"),
     ("CT with NaN", "--ct {d}/ct_nan.nii.gz --model {d}/ctm.pt", 2, "NaN or infinite values; fill them"),
     ("CT model without CT", "--model {d}/ctm.pt", 2, "needs the CT as input"),
     ("output = input", "--out {d}/seg.nii.gz", 2, "is one of the inputs"),

@@ -108,8 +108,8 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     labels = load_volume(args.labels)
     ct = load_volume(args.ct) if args.ct else None
     if ct is not None and (ct.array.shape != labels.array.shape or not _same_grid(ct.affine, labels.affine)):
-        raise ValueError(f"{args.ct} and {args.labels} are on different grids (shape {ct.array.shape} vs "
-                         f"{labels.array.shape}); resample the label map onto the CT first.")
+        raise ValueError(f"{args.ct} and {args.labels} are on different grids ({_grid_difference(ct, labels)}); "
+                         "resample the label map onto the CT first.")
     model = load_model(args.model, device=args.device)
     if ct is not None and not model.uses_ct:
         logger.warning("this model reads only the label map; --ct %s is not used", args.ct)
@@ -150,6 +150,20 @@ class _SliceBar:
 
 def _slice_bar(enabled: bool) -> _SliceBar | None:
     return _SliceBar() if enabled else None
+
+
+def _grid_difference(a, b) -> str:
+    """What differs between two volumes' grids: shape, spacing, origin or axis directions."""
+    import numpy as np
+
+    if a.array.shape != b.array.shape:
+        return f"shape {a.array.shape} vs {b.array.shape}"
+    sa, sb = np.linalg.norm(a.affine[:3, :3], axis=0), np.linalg.norm(b.affine[:3, :3], axis=0)
+    if not np.allclose(sa, sb, atol=1e-3):
+        return f"spacing {np.round(sa, 4).tolist()} vs {np.round(sb, 4).tolist()} mm"
+    if not np.allclose(a.affine[:3, 3], b.affine[:3, 3], atol=1e-3):
+        return f"origin {np.round(a.affine[:3, 3], 3).tolist()} vs {np.round(b.affine[:3, 3], 3).tolist()} mm"
+    return f"axis directions\n{np.round(a.affine[:3, :3] / sa, 4)}\nvs\n{np.round(b.affine[:3, :3] / sb, 4)}"
 
 
 def _same_grid(a, b) -> bool:

@@ -90,11 +90,26 @@ def load_volume(path: str | os.PathLike) -> Volume:
         else:
             img = nib.load(str(path))
             array, affine = np.asanyarray(img.dataobj), img.affine
+    except MemoryError as err:
+        raise ValueError(f"{path}: declares a volume too large for this machine's memory "
+                         f"({_declared_shape(path)}); check the file's header, or use a machine with more "
+                         "memory.") from err
     except (OSError, EOFError, zlib.error, nib.filebasedimages.ImageFileError) as err:
         if isinstance(err, PermissionError):
             raise ValueError(f"{path}: no permission to read it; check the file's permissions.") from err
         raise _unreadable(path, suffix, err) from err
     return Volume(_check_3d(np.asarray(array), path), np.asarray(affine, dtype=np.float64))
+
+
+def _declared_shape(path: Path) -> str:
+    try:
+        if volume_suffix(path).endswith(".nrrd"):
+            shape = _nrrd_module(path).read_header(str(path)).get("sizes")
+        else:
+            shape = nib.load(str(path)).shape
+        return f"shape {tuple(int(n) for n in shape)}"
+    except Exception:  # only for the message; the MemoryError is what the user must hear about
+        return "shape unknown"
 
 
 def _unreadable(path: Path, suffix: str, err: BaseException) -> ValueError:
