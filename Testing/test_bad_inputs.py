@@ -239,3 +239,31 @@ def test_batch_bad_case_among_good_ones_fails_alone(tmp_path, caplog):
     assert "FAILED c.nii.gz" in caplog.text and "outside the 13 RefNet classes" in caplog.text
     assert _hashes(tmp_path / "in") == before
     assert not [p for p in os.listdir(tmp_path / "out") if p.startswith(".")]
+
+
+def test_unwritable_output_folder_is_refused_before_any_work(files, capsys, monkeypatch):
+    """As root every folder is writable, so the permission answer is simulated; the check must come first."""
+    folder, paths = files
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == folder / "locked" else real_access(p, mode))
+    (folder / "locked").mkdir()
+    before = _hashes(folder)
+    code = main(["refine", "-q", "--labels", str(paths["seg"]), "--model", str(folder / "no_such.pt"),
+                 "--out", str(folder / "locked" / "out.nii.gz")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot write into" in err and "locked" in err and "no_such" not in err
+    assert _hashes(folder) == before
+
+
+def test_ctrl_c_exits_130_without_a_traceback(files, capsys, monkeypatch):
+    import refnet.cli
+
+    folder, paths = files
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(refnet.cli, "_cmd_refine", interrupted)
+    code = main(["refine", "--labels", str(paths["seg"]), "--out", str(folder / "o.nii.gz")])
+    err = capsys.readouterr().err
+    assert code == 130 and "interrupted" in err and "Traceback" not in err
