@@ -363,13 +363,13 @@ def train_refnet(
     Args:
         pairs: training pairs (K per case when K segmentation models were used).
         config: training settings.
-        extra_maps: correct label maps with no model prediction (other anatomy: phantoms, a user's own
-            labelled cases; only ``target`` is read, case ids distinct from ``pairs``'): trained on as
-            identity pairs and, with ``config.simulated_pairs``, simulated errors; never held out.
         work_dir: holds ``last.pt`` (resume point), ``best.pt`` and ``train_log.jsonl``.
         output: where the final model file goes (default ``work_dir/refnet.pt``).
         progress: show a tqdm bar per epoch.
         provenance: extra builtin-typed facts stored under ``metadata["training"]``.
+        extra_maps: correct label maps with no model prediction (other anatomy: phantoms, a user's own
+            labelled cases; only ``target`` is read, case ids distinct from ``pairs``'): trained on as
+            identity pairs and, with ``config.simulated_pairs``, simulated errors; never held out.
 
     Returns:
         The best model (by held-out mean Dice), with its per-class check applied.
