@@ -63,3 +63,32 @@ def test_base_models_leave_the_per_class_check_cases_out(tmp_path, monkeypatch):
     assert (tmp_path / "predictions" / "unet-s0-2" / "label0007.nii.gz").exists()
     with pytest.raises(ValueError, match="no training case left"):
         train_segmenters(tmp_path / "data", tmp_path / "again", cfg.segmenters[:1], holdout=[5, 6, 7])
+
+
+def test_out_of_fold_predictions_come_from_models_that_did_not_see_the_case(tmp_path, monkeypatch):
+    from refnet.data.phantoms import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path / "data", [5, 6, 7, 8, 1], config=_tiny_demo().phantoms, seed=0)
+    fits = []
+    real = refnet.segmenters.train_segmenter
+
+    def spy(cases, config, **kw):
+        fits.append((config.name, len(cases)))
+        return real(cases, config, **kw)
+
+    monkeypatch.setattr(refnet.segmenters, "train_segmenter", spy)
+    config = _tiny_demo().segmenters[0]
+    folder, = train_segmenters(tmp_path / "data", tmp_path / "out", [config], holdout=[8], folds=3)
+    # Training ids 5, 6, 7 (8 held out): the full model sees all 3, each fold model the other 2.
+    assert fits == [("unet-s0-2", 3)] + [(f"unet-s0-2-fold{k}", 2) for k in range(3)]
+    record = json.loads((folder / "predictions.json").read_text())
+    assert record["predicted_by"] == {"1": "unet-s0-2", "5": "unet-s0-2-fold0", "6": "unet-s0-2-fold1",
+                                      "7": "unet-s0-2-fold2", "8": "unet-s0-2"}
+    assert (tmp_path / "out" / "segmenters" / "unet-s0-2-fold2.pt").exists()
+    # Same settings: reused; other folds: refused instead of mixing two fold splits.
+    train_segmenters(tmp_path / "data", tmp_path / "out", [config], holdout=[8], folds=3)
+    assert len(fits) == 4
+    with pytest.raises(ValueError, match="other settings .*folds"):
+        train_segmenters(tmp_path / "data", tmp_path / "out", [config], holdout=[8], folds=2)
+    with pytest.raises(ValueError, match="folds must be 0"):
+        train_segmenters(tmp_path / "data", tmp_path / "new", [config], holdout=[8], folds=4)

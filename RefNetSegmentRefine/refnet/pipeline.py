@@ -12,7 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import numpy as np
 from .checkpoint import LoadedModel
 from .evaluate import dice_per_class, false_positive_ml, format_table, save_montage, summarise, write_metrics
 from .geometry import to_canonical
-from .io import read_affine
+from .io import read_affine, write_json
 from .labels import CLASS_NAMES
 from .model import RefNetConfig
 from .refine import refine_labels
@@ -85,18 +85,29 @@ def train_segmenters(
     configs: Sequence[Any],
     *,
     holdout: Collection[int] = (),
+    folds: int = 0,
     device: str = "auto",
     progress: bool = False,
 ) -> list[Path]:
     """Algorithm 1, step 1: train each base model on the training split and predict every case.
 
     ``holdout`` lists training-split case ids the models do not train on (they are still predicted),
-    e.g. the cases RefNet's per-class check will score. Writes ``out_dir/segmenters/<name>.pt`` and
-    ``out_dir/predictions/<name>/labelXXXX.nii.gz``; a model whose prediction folder is complete is
-    skipped on re-run.
+    e.g. the cases RefNet's per-class check will score. With ``folds`` >= 2 the other training cases
+    are predicted out of fold, as nnU-Net's cross-validation does: fold model k trains on every fold
+    but k and predicts fold k, so RefNet learns from the errors a model makes on cases it did not see
+    (a model scores higher on its own training cases and makes other errors there). A model trained
+    on all training cases predicts the held-out and test cases either way.
+
+    Writes ``out_dir/segmenters/<name>.pt`` (and ``<name>-foldK.pt``) and
+    ``out_dir/predictions/<name>/labelXXXX.nii.gz`` plus ``predictions.json`` (which model predicted
+    each case). A model whose prediction folder is complete is skipped on re-run if it was made with
+    the same settings; other settings are refused rather than silently reused.
 
     Returns:
         The prediction folders, in the order of ``configs``.
+
+    Raises:
+        ValueError: no training case left, ``folds`` out of range, or a folder made with other settings.
     """
     from .data.btcv import find_cases, load_case, split_cases
     from .segmenters import predict_segmenter, save_predictions, save_segmenter, train_segmenter
@@ -106,27 +117,52 @@ def train_segmenters(
     train = [c for c in split_cases(cases, "train") if c.case_id not in held]
     if not train:
         raise ValueError(f"{dataset_dir}: no training case left after holding out {sorted(held)}.")
+    if folds == 1 or folds < 0 or folds > len(train):
+        raise ValueError(f"folds must be 0 (no cross-validation) or 2..{len(train)} (the training cases), "
+                         f"got {folds}.")
+    fold_of = {c.case_id: n % folds for n, c in enumerate(sorted(train, key=lambda c: c.case_id))} if folds else {}
     folders = []
     for config in configs:
         folder = Path(out_dir) / "predictions" / config.name
+        record = {"segmenter": config.to_dict(), "trained_on": sorted(c.case_id for c in train),
+                  "folds": folds, "fold_of": {str(k): v for k, v in sorted(fold_of.items())}}
         if folder.is_dir() and all((folder / f"label{c:04d}.nii.gz").exists() for c in cases):
+            _check_record(folder, record)
             logger.info("%s: predictions complete, skipping", config.name)
             folders.append(folder)
             continue
         t0 = time.perf_counter()
-        data = [_canonical_case(load_case(c)) for c in train]
-        net = train_segmenter([(ct, lab) for ct, lab, _ in data], config, device=device, progress=progress)
-        save_segmenter(Path(out_dir) / "segmenters" / f"{config.name}.pt", net, config)
+        data = {c.case_id: _canonical_case(load_case(c)) for c in train}
+        runs = [(config, list(data), [c for c in cases if c not in fold_of])]  # the full model
+        runs += [(replace(config, name=f"{config.name}-fold{k}"), [c for c in data if fold_of[c] != k],
+                  [c for c in fold_of if fold_of[c] == k]) for k in range(folds)]
         predictions = {}
-        for case_id, case in cases.items():
-            ct, _labels = load_case(case)
-            canon_ct, reo = to_canonical(ct.array.astype(np.float32), ct.affine)
-            pred = predict_segmenter(net, canon_ct, config, device=device)
-            predictions[case_id] = (reo.backward(pred), ct.affine)
+        for run_config, fit_ids, predict_ids in runs:
+            net = train_segmenter([data[c][:2] for c in fit_ids], run_config, device=device, progress=progress)
+            save_segmenter(Path(out_dir) / "segmenters" / f"{run_config.name}.pt", net, run_config)
+            for case_id in predict_ids:
+                ct, _labels = load_case(cases[case_id])
+                canon_ct, reo = to_canonical(ct.array.astype(np.float32), ct.affine)
+                pred = predict_segmenter(net, canon_ct, run_config, device=device)
+                predictions[case_id] = (reo.backward(pred), ct.affine)
         folders.append(save_predictions(Path(out_dir) / "predictions", config.name, predictions))
-        logger.info("%s: trained and predicted %d cases in %.0f s", config.name, len(cases),
-                    time.perf_counter() - t0)
+        write_json(folder / "predictions.json", {**record, "predicted_by": {
+            str(c): f"{config.name}-fold{fold_of[c]}" if c in fold_of else config.name for c in sorted(cases)}})
+        logger.info("%s: trained %d model(s) and predicted %d cases in %.0f s", config.name, len(runs),
+                    len(cases), time.perf_counter() - t0)
     return folders
+
+
+def _check_record(folder: Path, record: dict[str, Any]) -> None:
+    """Refuse to reuse predictions made with another model, training set or fold split."""
+    path = folder / "predictions.json"
+    if not path.exists():  # written before the record existed: nothing to compare
+        return
+    stored = json.loads(path.read_text())
+    differs = [k for k in record if stored.get(k) != json.loads(json.dumps(record[k]))]
+    if differs:
+        raise ValueError(f"{folder} holds predictions made with other settings ({', '.join(differs)} differ); "
+                         "pass a new output folder, or delete that one to retrain.")
 
 
 def _canonical_case(case: tuple[Any, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
