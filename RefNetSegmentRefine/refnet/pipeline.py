@@ -264,13 +264,14 @@ def run_demo(out_dir: str | os.PathLike, config: DemoConfig | None = None, *, pr
 EXTRA_ANATOMY_IDS = 10_000  # first case id of the extra-anatomy maps (no dataset uses such ids)
 
 
-def extra_anatomy_maps(count: int, *, seed: int = 0, config: Any = None) -> list[Any]:
+def extra_anatomy_maps(count: int, *, seed: int = 0, config: Any = None, with_ct: bool = False) -> list[Any]:
     """Ground-truth maps of ``count`` extra phantoms as identity :class:`~refnet.train.TrainingPair` s.
 
     Args:
         count: how many.
         seed: dataset seed (case ``EXTRA_ANATOMY_IDS + i`` uses ``case_seed(seed, EXTRA_ANATOMY_IDS + i)``).
         config: their PhantomConfig (default: the demo grid with wider anatomy, see :class:`DemoConfig`).
+        with_ct: keep each phantom's CT too (for CT-conditioned RefNets).
     """
     from .data.phantoms import PhantomConfig, case_seed, make_phantom
     from .train import TrainingPair
@@ -280,7 +281,8 @@ def extra_anatomy_maps(count: int, *, seed: int = 0, config: Any = None) -> list
     for i in range(count):
         ph = make_phantom(case_seed(seed, EXTRA_ANATOMY_IDS + i), config)
         maps.append(TrainingPair(raw=ph.labels, target=ph.labels, case_id=EXTRA_ANATOMY_IDS + i,
-                                 source="extra_anatomy", affine=ph.affine))
+                                 source="extra_anatomy", affine=ph.affine,
+                                 ct=ph.ct if with_ct else None))
     return maps
 
 

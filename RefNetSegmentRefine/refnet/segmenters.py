@@ -40,6 +40,7 @@ __all__ = [
     "build_segmenter",
     "load_prediction_folder",
     "load_segmenter",
+    "predict_ensemble",
     "predict_segmenter",
     "predict_segmenter_logits",
     "save_predictions",
@@ -340,6 +341,25 @@ def predict_segmenter(net: nn.Module, ct: np.ndarray, config: SegmenterConfig, *
         (I, J, K) uint8 class indices 0..12, same shape as ``ct``.
     """
     return predict_segmenter_logits(net, ct, config, device=device).argmax(axis=0).astype(np.uint8)
+
+
+def predict_ensemble(models: Sequence[tuple[nn.Module, SegmenterConfig]], ct: np.ndarray, *,
+                     device: str | torch.device = "cpu") -> np.ndarray:
+    """Label map of several base models: argmax of their softmax probabilities averaged (nnU-Net's ensemble).
+
+    Returns:
+        (I, J, K) uint8 class indices 0..12, same shape as ``ct``.
+
+    Raises:
+        ValueError: no models, or ``ct`` is not a 3D numeric array.
+    """
+    if not models:
+        raise ValueError("predict_ensemble needs at least one (net, config) pair.")
+    total = None
+    for net, config in models:
+        probs = torch.from_numpy(predict_segmenter_logits(net, ct, config, device=device)).softmax(dim=0)
+        total = probs if total is None else total + probs
+    return total.argmax(dim=0).numpy().astype(np.uint8)
 
 
 def save_segmenter(path: str | os.PathLike, net: nn.Module, config: SegmenterConfig) -> Path:

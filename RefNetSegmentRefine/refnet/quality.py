@@ -1,0 +1,351 @@
+"""Is the refiner worth it? Every method a reviewer would ask for, on the same base-model predictions.
+
+One run per dataset (a phantom seed, or any BTCV-layout folder): K base models are trained with
+out-of-fold predictions on the training cases (RefNet learns from errors on unseen cases), and on the
+test cases these methods are scored against the ground truth:
+
+- ``raw``: the first base model (trained on all training cases);
+- ``cleanup``: raw with per-class largest component / hole filling where it helped on the training
+  cases' out-of-fold predictions (nnU-Net's post-processing rule, :mod:`refnet.cleanup`);
+- ``average``: the K base models' softmax probabilities averaged (nnU-Net's ensemble);
+- ``refnet_label``: the paper's label-only RefNet (the demo's frozen preset) on raw;
+- ``refnet_ct``: the same with the CT as an input channel (the paper's future work);
+- ``refnet_paper``: the label-only RefNet with the paper's loss weight w = 1 on CE(P, S);
+- ``unseen_raw`` / ``unseen_refnet_label``: a base model of an architecture RefNet never trained on,
+  before and after ``refnet_label``.
+
+Metrics per class and case: Dice (the paper's 13-class mean), NSD with FLARE22's tolerances and HD95
+(:mod:`refnet.surface`), false-positive volume. :func:`summarise_quality` pools seeds and gives the
+gain with a paired 95% interval over cases.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .labels import CLASS_NAMES, NUM_CLASSES
+from .pipeline import DemoConfig, extra_anatomy_maps, train_segmenters
+from .stats import paired_interval
+
+__all__ = ["METHODS", "QualityConfig", "quality_table", "run_quality", "save_gain_chart", "summarise_quality"]
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("raw", "cleanup", "average", "refnet_label", "refnet_ct", "refnet_paper",
+           "unseen_raw", "unseen_refnet_label")
+BASELINE = {m: "unseen_raw" if m.startswith("unseen_") else "raw" for m in METHODS}  # what a method is compared with
+REFNETS = ("refnet_label", "refnet_ct", "refnet_paper")
+
+
+def _unseen() -> Any:
+    from .segmenters import SegmenterConfig
+
+    return SegmenterConfig.demo("segresnet", seed=0)
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """The benchmark's preset: the demo's data, base models and RefNet preset, plus what it compares.
+
+    ``refnet_label`` is trained with ``demo.train`` unchanged (frozen by benchmarks/preset_selection.py
+    on seed-0 development data); ``refnet_ct`` and ``refnet_paper`` change one thing each.
+    """
+
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    folds: int = 2  # cross-validation folds of each base model's training-case predictions
+    unseen: Any = field(default_factory=_unseen)  # SegmenterConfig of the architecture RefNet never sees
+    methods: tuple[str, ...] = METHODS
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}.")
+        if "unseen_refnet_label" in self.methods and "unseen_raw" not in self.methods:
+            raise ValueError("unseen_refnet_label needs unseen_raw (its baseline) in methods.")
+
+    def train_config(self, method: str) -> Any:
+        """The RefNet training preset of a RefNet method."""
+        base = self.demo.train
+        if method == "refnet_ct":
+            return replace(base, model=replace(base.model, ct_channels=1))
+        if method == "refnet_paper":
+            return replace(base, raw_weight=1.0)
+        return base
+
+    @classmethod
+    def quick(cls) -> QualityConfig:
+        """One seed within 30 minutes on 2 CPU cores: the RefNets train 10 epochs instead of 16."""
+        demo = DemoConfig()
+        return cls(demo=replace(demo, train=replace(demo.train, epochs=10, val_every=5)))
+
+
+def run_quality(
+    out_dir: str | os.PathLike,
+    config: QualityConfig | None = None,
+    *,
+    seed: int = 0,
+    dataset: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train what the methods need and score every method on the test cases of one dataset.
+
+    Args:
+        out_dir: working folder (phantoms, base models, predictions, RefNets); a rerun resumes.
+        config: the preset (default :class:`QualityConfig`).
+        seed: phantom seed; also the seed of every model trained here (base models and RefNets).
+        dataset: a BTCV-layout folder to use instead of generated phantoms.
+        progress: tqdm bars while training.
+
+    Returns:
+        ``{"seed", "cases", "methods": {method: {"dice"|"nsd"|"hd95"|"fp_ml": per-case (C,) lists}},
+        "cleanup": plan, "timings"}``.
+    """
+    from .data.btcv import BTCV_TEST_IDS, BTCV_TRAIN_IDS, find_cases, split_cases
+    from .data.phantoms import PhantomConfig, write_phantom_dataset
+    from .pairs import load_training_pairs
+    from .train import train_refnet, validation_cases
+
+    config = config or QualityConfig()
+    demo = config.demo
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    if dataset is None:
+        data = out / "data"
+        if not (data / "dataset.json").exists():
+            ids = list(BTCV_TRAIN_IDS[: demo.train_cases]) + list(BTCV_TEST_IDS[: demo.test_cases])
+            write_phantom_dataset(data, ids, config=demo.phantoms or PhantomConfig.demo(), seed=seed)
+    else:
+        data = Path(dataset)
+    cases = find_cases(data)
+    train_ids = [c.case_id for c in split_cases(cases, "train")]
+    holdout = validation_cases(train_ids, demo.train.val_cases)
+    segmenters = tuple(replace(s, seed=s.seed + 100 * seed, name=None) for s in demo.segmenters)
+    folders = train_segmenters(data, out, segmenters, holdout=holdout, folds=config.folds, device=demo.device,
+                               progress=progress)
+    unseen = None
+    if "unseen_raw" in config.methods:
+        unseen_config = replace(config.unseen, seed=config.unseen.seed + 100 * seed, name=None)
+        unseen, = train_segmenters(data, out, [unseen_config], holdout=holdout, device=demo.device,
+                                   progress=progress)
+    timings["segmenters_s"] = time.perf_counter() - t0
+    wanted = [m for m in REFNETS if m in config.methods or (m == "refnet_label" and unseen is not None)]
+    needs_ct = "refnet_ct" in wanted
+    pairs = load_training_pairs(data, folders, with_ct=needs_ct)
+    models = {}
+    for method in wanted:
+        tc = replace(config.train_config(method), seed=seed, device=demo.device)
+        ct_model = tc.model.ct_channels > 0
+        extra = extra_anatomy_maps(demo.extra_anatomy, seed=seed, config=demo.extra_phantoms, with_ct=ct_model)
+        fit = pairs if ct_model else [replace(p, ct=None) for p in pairs]
+        models[method] = train_refnet(fit, tc, work_dir=out / f"{method}_work", output=out / f"{method}.pt",
+                                      progress=progress, extra_maps=extra,
+                                      provenance={"data": "quality benchmark", "method": method})
+    timings["refnets_s"] = time.perf_counter() - t0 - sum(timings.values())
+    plan = {}
+    if "cleanup" in config.methods:
+        from .cleanup import choose_cleanup
+
+        oof = [p for p in pairs if p.source == folders[0].name]
+        plan = choose_cleanup([p.raw for p in oof], [p.target for p in oof])
+    scores = _score_test_cases(data, cases, config, folders, unseen, models, plan, out)
+    timings["evaluate_s"] = time.perf_counter() - t0 - sum(timings.values())
+    return {"seed": seed, "dataset": str(data), "cases": [c for c in sorted(cases) if c not in set(train_ids)],
+            "methods": scores, "cleanup": {CLASS_NAMES[c]: steps for c, steps in plan.items()},
+            "raw_source": folders[0].name, "unseen_source": unseen.name if unseen else None,
+            "timings": {k: round(v, 1) for k, v in timings.items()}}
+
+
+def _score_test_cases(data, cases, config, folders, unseen, models, plan, out) -> dict[str, dict[str, list]]:
+    """Per method, per test case: Dice, NSD, HD95 and false-positive mL vectors."""
+    from .cleanup import apply_cleanup
+    from .data.btcv import load_case, split_cases
+    from .evaluate import dice_per_class, false_positive_ml
+    from .geometry import to_canonical
+    from .io import read_affine
+    from .refine import refine_labels
+    from .segmenters import load_prediction_folder, load_segmenter, predict_ensemble
+    from .spacing import voxel_spacing
+    from .surface import surface_scores
+
+    test = split_cases(cases, "test")
+    if not test:
+        raise ValueError(f"{data}: no test cases to score.")
+    ids = [c.case_id for c in test]
+    affines = {c.case_id: read_affine(c.image) for c in test}
+    raw_preds = load_prediction_folder(folders[0], ids, affines=affines)
+    unseen_preds = load_prediction_folder(unseen, ids, affines=affines) if unseen else {}
+    ensemble = ([load_segmenter(out / "segmenters" / f"{f.name}.pt", device=config.demo.device) for f in folders]
+                if "average" in config.methods else [])
+    scores: dict[str, dict[str, list]] = {m: {"dice": [], "nsd": [], "hd95": [], "fp_ml": []}
+                                          for m in config.methods}
+    for case in test:
+        ct, target = load_case(case)
+        raw = raw_preds[case.case_id]
+        maps: dict[str, np.ndarray] = {"raw": raw}
+        if "cleanup" in config.methods:
+            canon, reo = to_canonical(raw, ct.affine)
+            maps["cleanup"] = reo.backward(apply_cleanup(canon, plan))
+        if "average" in config.methods:
+            canon_ct, reo = to_canonical(ct.array.astype(np.float32), ct.affine)
+            maps["average"] = reo.backward(predict_ensemble(ensemble, canon_ct, device=config.demo.device))
+        for method, model in models.items():
+            if method in config.methods:
+                maps[method] = refine_labels(raw, ct.affine, model, ct=ct.array if model.uses_ct else None)
+        if unseen:
+            maps["unseen_raw"] = unseen_preds[case.case_id]
+            if "unseen_refnet_label" in config.methods:
+                maps["unseen_refnet_label"] = refine_labels(unseen_preds[case.case_id], ct.affine,
+                                                            models["refnet_label"])
+        spacing = voxel_spacing(ct.affine)
+        ml = float(np.prod(spacing)) / 1000.0
+        for method in config.methods:
+            nsd, hd = surface_scores(maps[method], target, spacing)
+            for key, value in (("dice", dice_per_class(maps[method], target)), ("nsd", nsd), ("hd95", hd),
+                               ("fp_ml", false_positive_ml(maps[method], target, voxel_volume_ml=ml))):
+                scores[method][key].append([None if not np.isfinite(v) else float(v) for v in value])
+        logger.info("scored case %d", case.case_id)
+    return scores
+
+
+def _array(rows: list[list[float | None]]) -> np.ndarray:
+    return np.array([[np.nan if v is None else v for v in row] for row in rows], dtype=np.float64)
+
+
+def _nanmean(a: np.ndarray, axis: int | None = None) -> Any:
+    with warnings.catch_warnings():  # a class absent from every case stays NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(a, axis=axis)
+
+
+def _case_means(run: dict[str, Any], method: str) -> np.ndarray:
+    """Per test case, the mean Dice over the classes scored in that case (the paper's 13-class mean)."""
+    return _nanmean(_array(run["methods"][method]["dice"]), axis=1)
+
+
+def summarise_quality(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Pool the runs (seeds) into quality.json: methods as keys, plus gains with paired intervals.
+
+    Per method: ``dice``, ``nsd``, ``hd95``, ``false_positive_ml`` per class (means over all cases),
+    ``mean_dice`` (13 classes, the paper's convention), ``mean_nsd`` and ``mean_hd95`` (12 organs),
+    ``hd95_undefined`` (organ-case pairs where one map lacks the organ). Under ``gains``: per method
+    against its baseline, the relative mean-Dice gain per seed, its mean and SD over seeds, the paired
+    95% interval over all cases of the per-case mean-Dice difference, the per-organ change, and the NSD
+    change.
+    """
+    if not runs:
+        raise ValueError("summarise_quality needs at least one run.")
+    methods = [m for m in METHODS if all(m in r["methods"] for r in runs)]
+    out: dict[str, Any] = {"seeds": [r["seed"] for r in runs], "cases": sum(len(r["cases"]) for r in runs),
+                           "classes": list(CLASS_NAMES)}
+    pooled: dict[str, dict[str, np.ndarray]] = {}
+    for m in methods:
+        pooled[m] = {k: np.concatenate([_array(r["methods"][m][k]) for r in runs])
+                     for k in ("dice", "nsd", "hd95", "fp_ml")}
+        p = pooled[m]
+        dice, nsd, hd = _nanmean(p["dice"], 0), _nanmean(p["nsd"], 0), _nanmean(p["hd95"], 0)
+        both = np.isfinite(p["nsd"][:, 1:])  # the organ is in the prediction or the ground truth
+        out[m] = {
+            "dice": _by_class(dice), "nsd": _by_class(nsd), "hd95": _by_class(hd),
+            "false_positive_ml": _by_class(p["fp_ml"].mean(axis=0)),
+            "mean_dice": _round(_nanmean(dice)), "mean_organ_dice": _round(_nanmean(dice[1:])),
+            "mean_nsd": _round(_nanmean(nsd[1:])), "mean_hd95": _round(_nanmean(hd[1:])),
+            "hd95_undefined": int((both & ~np.isfinite(p["hd95"][:, 1:])).sum()),
+            "mean_false_positive_ml": _round(p["fp_ml"][:, 1:].mean()),
+        }
+    gains = {}
+    for m in methods:
+        base = BASELINE[m]
+        if m == base or base not in pooled:
+            continue
+        per_seed = []
+        for r in runs:
+            b, a = _nanmean(_case_means(r, base)), _nanmean(_case_means(r, m))
+            per_seed.append(100.0 * (a - b) / b)
+        after = np.concatenate([_case_means(r, m) for r in runs])
+        before = np.concatenate([_case_means(r, base) for r in runs])
+        organ = _nanmean(pooled[m]["dice"], 0)[1:] - _nanmean(pooled[base]["dice"], 0)[1:]
+        gains[m] = {
+            "against": base,
+            "gain_percent_per_seed": [_round(g, 3) for g in per_seed],
+            "gain_percent_mean": _round(float(np.mean(per_seed)), 3),
+            "gain_percent_sd": _round(float(np.std(per_seed, ddof=1)), 3) if len(per_seed) > 1 else None,
+            "case_dice_diff": {k: _round(v) for k, v in paired_interval(after, before).items()},
+            "organ_change": {name: _round(v) for name, v in zip(CLASS_NAMES[1:], organ)},
+            "worst_organ_change": _round(float(np.nanmin(organ))),
+            "nsd_change": _round(out[m]["mean_nsd"] - out[base]["mean_nsd"])
+            if None not in (out[m]["mean_nsd"], out[base]["mean_nsd"]) else None,
+        }
+    out["gains"] = gains
+    out["runs"] = [{k: r[k] for k in ("seed", "cases", "cleanup", "raw_source", "unseen_source", "timings")}
+                   for r in runs]
+    return out
+
+
+def _round(v: Any, digits: int = 5) -> float | None:
+    return None if v is None or not np.isfinite(v) else round(float(v), digits)
+
+
+def _by_class(values: np.ndarray) -> dict[str, float | None]:
+    return {name: _round(v) for name, v in zip(CLASS_NAMES, values[:NUM_CLASSES])}
+
+
+def quality_table(summary: dict[str, Any]) -> str:
+    """Markdown table: one row per method, its means and its gain against its baseline."""
+    head = ("| method | mean Dice | gain vs baseline | 95% CI of case Dice diff | worst organ | mean NSD "
+            "| mean HD95 mm | FP mL/organ |")
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for m in METHODS:
+        if m not in summary:
+            continue
+        s, g = summary[m], summary["gains"].get(m)
+        if g:
+            d = g["case_dice_diff"]
+            sd = g["gain_percent_sd"]
+            gain = f"{g['gain_percent_mean']:+.2f}%" + (f" ± {sd:.2f}" if sd is not None else "")
+            ci = "n/a" if d["low"] is None else f"[{d['low']:+.4f}, {d['high']:+.4f}]"
+            worst = f"{g['worst_organ_change']:+.4f}"
+        else:
+            gain, ci, worst = "(baseline)", "", ""
+        lines.append(f"| {m} | {s['mean_dice']:.4f} | {gain} | {ci} | {worst} | {_f(s['mean_nsd'])} "
+                     f"| {_f(s['mean_hd95'], 2)} | {_f(s['mean_false_positive_ml'], 2)} |")
+    return "\n".join(lines)
+
+
+def _f(v: float | None, digits: int = 4) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def save_gain_chart(path: str | os.PathLike, summary: dict[str, Any]) -> Path:
+    """PNG bar chart: per-organ Dice change of each method against raw (grouped bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in METHODS if m in summary["gains"] and summary["gains"][m]["against"] == "raw"]
+    organs = list(CLASS_NAMES[1:])
+    width = 0.8 / max(len(shown), 1)
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    for n, m in enumerate(shown):
+        change = [summary["gains"][m]["organ_change"][o] or 0.0 for o in organs]
+        ax.bar(np.arange(len(organs)) + (n - (len(shown) - 1) / 2) * width, change, width, label=m)
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xticks(np.arange(len(organs)), organs, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("Dice change vs raw")
+    ax.set_title(f"Per-organ Dice change against raw ({summary['cases']} test cases, seeds {summary['seeds']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

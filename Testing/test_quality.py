@@ -1,0 +1,64 @@
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from refnet.quality import METHODS, QualityConfig, quality_table, run_quality, save_gain_chart, summarise_quality
+from refnet.segmenters import SegmenterConfig
+
+from Testing.test_pipeline import _tiny_demo
+
+
+def _tiny() -> QualityConfig:
+    demo = replace(_tiny_demo(), train_cases=4, test_cases=2)
+    return QualityConfig(demo=demo, folds=2,
+                         unseen=SegmenterConfig.demo("segresnet", seed=0, steps=1, features=4, patch_size=(32, 32, 16)))
+
+
+def test_every_method_is_scored_on_the_same_test_cases(tmp_path):
+    run = run_quality(tmp_path, _tiny(), seed=3)
+    assert set(run["methods"]) == set(METHODS) and len(run["cases"]) == 2
+    for scores in run["methods"].values():
+        assert {len(scores[k]) for k in ("dice", "nsd", "hd95", "fp_ml")} == {2}
+    # Out-of-fold training predictions; the seed reaches the base models.
+    record = json.loads((tmp_path / "predictions" / run["raw_source"] / "predictions.json").read_text())
+    assert record["folds"] == 2 and run["raw_source"] == "unet-s300-2"
+    assert set(record["predicted_by"].values()) == {"unet-s300-2", "unet-s300-2-fold0", "unet-s300-2-fold1"}
+    ct_model = json.loads(json.dumps(run))  # run.json round-trips
+    summary = summarise_quality([ct_model, run])
+    assert summary["cases"] == 4 and set(summary["gains"]) == set(METHODS) - {"raw", "unseen_raw"}
+    assert summary["gains"]["unseen_refnet_label"]["against"] == "unseen_raw"
+    # The same run twice: every paired difference is the run's own, so SD over seeds is 0.
+    lab = summary["gains"]["refnet_label"]
+    assert lab["gain_percent_sd"] == pytest.approx(0.0)
+    raw = np.nanmean(np.array(run["methods"]["raw"]["dice"], dtype=float), axis=1).mean()
+    ref = np.nanmean(np.array(run["methods"]["refnet_label"]["dice"], dtype=float), axis=1).mean()
+    assert lab["gain_percent_mean"] == pytest.approx(100 * (ref - raw) / raw, abs=1e-3)
+    table = quality_table(summary)
+    assert table.count("\n") == len(METHODS) + 1 and "refnet_ct" in table
+    assert save_gain_chart(tmp_path / "gain.png", summary).stat().st_size > 0
+
+
+def test_summary_gain_and_interval_from_known_scores():
+    def run(seed, raw, ref):
+        n = len(raw)
+        nan = [[None] * 13] * n
+        return {"seed": seed, "cases": list(range(n)), "cleanup": {}, "raw_source": "r", "unseen_source": None,
+                "timings": {}, "methods": {
+                    "raw": {"dice": [[v] * 13 for v in raw], "nsd": nan, "hd95": nan, "fp_ml": [[0.0] * 13] * n},
+                    "refnet_label": {"dice": [[v] * 13 for v in ref], "nsd": nan, "hd95": nan,
+                                     "fp_ml": [[0.0] * 13] * n}}}
+
+    summary = summarise_quality([run(1, [0.5, 0.7], [0.51, 0.72]), run(2, [0.6, 0.6], [0.6, 0.63])])
+    gain = summary["gains"]["refnet_label"]
+    assert gain["gain_percent_per_seed"] == [pytest.approx(2.5), pytest.approx(2.5)]
+    assert gain["case_dice_diff"]["mean"] == pytest.approx(0.015) and gain["case_dice_diff"]["n"] == 4
+    assert gain["worst_organ_change"] == pytest.approx(0.015)
+    assert summary["refnet_label"]["mean_dice"] == pytest.approx(0.615)
+
+
+def test_unknown_methods_are_refused():
+    with pytest.raises(ValueError, match="unknown methods"):
+        QualityConfig(methods=("raw", "magic"))
+    with pytest.raises(ValueError, match="needs unseen_raw"):
+        QualityConfig(methods=("raw", "unseen_refnet_label"))
