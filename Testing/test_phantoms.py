@@ -158,3 +158,23 @@ def test_write_dataset_bad_ids(tmp_path, ids, match):
     with pytest.raises(ValueError, match=match):
         write_phantom_dataset(tmp_path, ids, config=TINY)
     assert not (tmp_path / "img").exists()
+
+
+def test_missing_organs_and_lesions_vary_cases_and_leave_others_as_before():
+    coarse = PhantomConfig.demo(inplane_spacing_mm=(4.0, 4.0), slice_spacing_mm=(6.0, 6.0))
+    plain = make_phantom(3, coarse)
+    removed = make_phantom(3, PhantomConfig(**{**coarse.__dict__, "missing_organs": 1.0}))
+    assert (plain.labels == 4).any() and not (removed.labels == 4).any()  # no gallbladder
+    kept = [c for c in range(1, NUM_CLASSES) if c != 4 and c not in (2, 3)]
+    assert all((removed.labels == c).any() for c in kept)
+    # Lesions darken the organ's CT where they are, and keep its label (the organ includes its lesions).
+    sick = make_phantom(3, PhantomConfig(**{**coarse.__dict__, "lesions": 6.0}))
+    np.testing.assert_array_equal(sick.labels, plain.labels)
+    darker = (sick.ct < plain.ct - 25) & (plain.labels > 0)
+    assert darker.sum() > 20
+    # Over many cases, about the configured share lacks a gallbladder; the other draws are unchanged.
+    gone = [not (make_phantom(s, PhantomConfig(**{**TINY.__dict__, "missing_organs": 0.5})).labels == 4).any()
+            for s in range(12)]
+    assert 2 <= sum(gone) <= 10
+    with pytest.raises(ValueError, match="missing_organs"):
+        PhantomConfig(missing_organs=1.5)

@@ -288,10 +288,14 @@ def extra_anatomy_maps(count: int, *, seed: int = 0, config: Any = None, with_ct
 
 def _check_resumed_data(data: Path, seed: int, phantoms: Any) -> None:
     """Refuse to resume a demo folder whose phantoms were generated with another seed or config."""
-    from dataclasses import asdict
+    from dataclasses import asdict, fields
 
     meta = json.loads((data / "dataset.json").read_text())
     wanted = json.loads(json.dumps({"seed": seed, "config": asdict(phantoms)}))
+    # A setting added after the folder was written reads as its default there (it did not exist, so it was off).
+    defaults = json.loads(json.dumps({f.name: f.default for f in fields(phantoms)}))
+    if isinstance(meta.get("config"), dict):
+        meta["config"] = {**{k: v for k, v in defaults.items() if k not in meta["config"]}, **meta["config"]}
     if {k: meta.get(k) for k in wanted} != wanted:
         raise ValueError(f"{data.parent} holds a demo generated with another seed or phantom preset "
                          f"(seed {meta.get('seed')}); pass a new --out folder, or the same --seed to resume it.")

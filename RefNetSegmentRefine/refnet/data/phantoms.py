@@ -111,6 +111,9 @@ class PhantomConfig:
     deform_mm: float = 8.0  # SD of the smooth random deformation
     shape_jitter: float = 1.0  # scale of the per-case organ size/position jitter (0: none)
     distractors: bool = True  # unlabelled bowel, colon, duodenum and mesenteric/renal vessels
+    missing_organs: float = 0.0  # chance a case has had its gallbladder removed; a third of it: one kidney
+    lesions: float = 0.0  # mean number of hypodense lesions per case in liver, kidneys, spleen or pancreas,
+    #                      labelled as their organ (as BTCV labels liver tumours); 0 keeps every case as before
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -125,7 +128,8 @@ class PhantomConfig:
         set_(self, "organ_hu", _check_values(
             "organ_hu", self.organ_hu, NUM_CLASSES, positive=False,
             hint="one HU per class (index 0 = visceral fat); start from ORGAN_HU"))
-        limits = (("hu_jitter", 100.0), ("blur_mm", 20.0), ("deform_mm", 30.0), ("shape_jitter", 2.0))
+        limits = (("hu_jitter", 100.0), ("blur_mm", 20.0), ("deform_mm", 30.0), ("shape_jitter", 2.0),
+                  ("missing_organs", 1.0), ("lesions", 10.0))
         for name, top in limits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= top:
@@ -321,12 +325,52 @@ def make_phantom(seed: int, config: PhantomConfig | None = None) -> Phantom:
     texture = _smooth_fields(rng, grid.axes, _TEXTURE_CELL_MM, 1)[0]
     enhancement = float(np.clip(1.0 + rng.normal(0.0, cfg.hu_jitter / 80.0), 0.7, 1.3))
     structures, region = anatomy(Draw(rng, cfg, enhancement))
+    # Pathology draws from its own stream, so turning it on leaves every other draw of the case as it was.
+    pathology = np.random.default_rng([int(seed), 1])
+    structures = _remove_organs(structures, pathology, cfg.missing_organs)
     region_level = region.level(grid.xyz)
     labels = np.zeros(shape, dtype=np.uint8)
     hu = np.full(shape, -1000.0, dtype=np.float32)
     for structure in structures:
         _paint(labels, hu, grid, structure, region=region_level, texture=texture, fat_hu=cfg.organ_hu[0])
+    _add_lesions(labels, hu, np.diag(affine)[:3], pathology, cfg.lesions)
     return Phantom(_acquire(rng, hu, np.diag(affine)[:3], cfg), labels, affine)
+
+
+_LESION_ORGANS = (6, 6, 6, 2, 3, 1, 11)  # liver lesions most often, as in abdominal CT
+
+
+def _remove_organs(structures: list[Structure], rng: np.random.Generator, chance: float) -> list[Structure]:
+    """Drop the gallbladder (cholecystectomy) or one kidney (nephrectomy) at random: real cases lack organs."""
+    if not chance:
+        return structures
+    gone = set()
+    if rng.random() < chance:
+        gone.add(4)
+    if rng.random() < chance / 3:
+        gone.add(int(rng.choice((2, 3))))
+    return [s for s in structures if s.label not in gone]
+
+
+def _add_lesions(labels: np.ndarray, hu: np.ndarray, spacing: Sequence[float], rng: np.random.Generator,
+                 mean_count: float) -> None:
+    """Hypodense round lesions (cysts, metastases) of 4-15 mm radius inside organs; labels stay the organ's."""
+    if not mean_count:
+        return
+    for _ in range(int(rng.poisson(mean_count))):
+        organ = int(rng.choice(_LESION_ORGANS))
+        where = np.flatnonzero(labels == organ)
+        if not where.size:
+            continue
+        centre = np.array(np.unravel_index(int(where[rng.integers(where.size)]), labels.shape))
+        radius = float(rng.uniform(4.0, 15.0))
+        half = np.ceil(radius / np.asarray(spacing)).astype(int)
+        lo, hi = np.maximum(centre - half, 0), np.minimum(centre + half + 1, labels.shape)
+        box = tuple(slice(a, b) for a, b in zip(lo, hi))
+        offsets = np.meshgrid(*[(np.arange(a, b) - c) * sp for a, b, c, sp in zip(lo, hi, centre, spacing)],
+                              indexing="ij")
+        inside = (sum(o**2 for o in offsets) <= radius**2) & (labels[box] == organ)
+        hu[box][inside] -= np.float32(rng.uniform(40.0, 90.0))
 
 
 def case_seed(seed: int, case_id: int) -> int:
