@@ -432,3 +432,20 @@ def test_a_rerun_sweeps_temporary_files_an_interrupted_run_left(tmp_path, model_
     stale.write_bytes(b"half a file")
     assert batch.main(["--input", str(root), "--output", str(tmp_path / "out"), "--model", str(model_file)]) == 0
     assert not stale.exists() and (tmp_path / "out" / "label0001.nii.gz").exists()
+
+
+def test_script_names_missing_packages_before_importing_the_core(monkeypatch, caplog):
+    script = _load_script()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("nibabel", "monai")
+                        else real(name, *a))
+    assert script.missingPackages() == ["monai", "nibabel"]
+    for name in [n for n in sys.modules if n == "refnet.batch"]:  # the core must not be imported first
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "nibabel", None)  # importing it now raises ModuleNotFoundError
+    with caplog.at_level(logging.ERROR):
+        assert script.main(["s.py", "--", "--input", "a", "--output", "b"]) == 1
+    assert "packages are missing: monai, nibabel" in caplog.text and "pip_install('monai>=1.4" not in caplog.text
+    assert "slicer.util.pip_install('monai nibabel')" in caplog.text
+    monkeypatch.undo()
+    assert script.missingPackages() == []

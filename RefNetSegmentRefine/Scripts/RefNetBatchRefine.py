@@ -29,6 +29,28 @@ if _MODULE_DIR not in sys.path:  # the module folder holds refnet/ and RefNetSeg
     sys.path.insert(0, _MODULE_DIR)
 
 
+REQUIREMENTS_PATH = os.path.join(_MODULE_DIR, "Resources", "requirements.txt")
+
+
+def missingPackages(requirementsPath: str = REQUIREMENTS_PATH) -> list[str]:
+    """The packages the core needs that this Python cannot import, found without importing the core.
+
+    A fresh Slicer has no nibabel or monai (the module installs them on first use), and importing
+    :mod:`refnet` there would end in a ModuleNotFoundError traceback instead of a hint.
+    """
+    import importlib.util
+    import re
+
+    names = ["torch"]
+    with open(requirementsPath, encoding="utf-8") as file:
+        for line in file:
+            text = line.split("#", 1)[0].strip()
+            if text:
+                names.append(re.split(r"[<>=!~; \[]", text, maxsplit=1)[0])
+    imports = {"pynrrd": "nrrd"}  # distribution name -> import name where they differ
+    return [n for n in names if importlib.util.find_spec(imports.get(n, n)) is None]
+
+
 def scriptArguments(argv: list[str]) -> list[str]:
     """The script's own arguments: those after the first ``--``, else all after the script name.
 
@@ -72,6 +94,13 @@ def loadCaseWithSlicer(case, *, needs_ct: bool):
 
 def main(argv: list[str]) -> int:
     """Parse arguments, refine the dataset through the module Logic, log the summary; returns the exit status."""
+    missing = missingPackages()
+    if missing:
+        logging.error("RefNet batch: these Python packages are missing: %s. Open the RefNet Segment Refine "
+                      "module once in Slicer and accept the installation (PyTorch comes from the PyTorch "
+                      "extension), or in Slicer's Python console run slicer.util.pip_install(%r).",
+                      ", ".join(missing), " ".join(m for m in missing if m != "torch"))
+        return 1
     from refnet import batch
 
     try:
