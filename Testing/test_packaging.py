@@ -273,3 +273,18 @@ def test_console_scripts_point_at_real_entry_points():
     for target in scripts.values():
         module, _, name = target.partition(":")
         assert callable(getattr(importlib.import_module(module), name))
+
+
+def test_index_submission_has_a_license_and_a_screenshot_that_exists():
+    # ExtensionsIndex's checks: a LICENSE file at the repository root, non-empty screenshot URLs.
+    assert "Apache License" in (ROOT / "LICENSE").read_text() and "Version 2.0" in (ROOT / "LICENSE").read_text()
+    assert "Apache-2.0" in (ROOT / "pyproject.toml").read_text()
+    _, values = _extension_vars()
+    urls = values["EXTENSION_SCREENSHOTURLS"].split()
+    assert urls and urls == _parse_s4ext(ROOT / "RefNet.s4ext")["screenshoturls"].split()
+    home = values["EXTENSION_HOMEPAGE"]
+    prefix = home.replace("https://github.com/", "https://raw.githubusercontent.com/") + "/main/"
+    for url in urls:
+        assert url.startswith(prefix)
+        shot = ROOT / url[len(prefix):]
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
