@@ -85,6 +85,41 @@ def missingRequirements(requirements: list[str]) -> list[str]:
     return missing
 
 
+SHIPPED_MODEL_PATH = os.path.join(MODULE_DIR, "refnet", "weights", "refnet_phantom.pt")
+
+
+def modelCardPath(modelPath: str | None) -> str:
+    """The model card beside a model file: ``<name>.md`` (the shipped model's is refnet_phantom.md)."""
+    return os.path.splitext(modelPath or SHIPPED_MODEL_PATH)[0] + ".md"
+
+
+def modelCardSummary(modelPath: str | None) -> str:
+    """A few lines from the model card, read as text: no torch import, no model load (the module opens fast).
+
+    Shows the card's intended use and its Inputs, Spacing and Training data rows; the shipped model is
+    always labelled as a demonstration model.
+    """
+    lines = []
+    if not modelPath:
+        lines.append("Demonstration model, trained on generated phantoms; train on your own data for real use.")
+    card = modelCardPath(modelPath)
+    try:
+        with open(card, encoding="utf-8") as file:
+            text = file.read()
+    except OSError:
+        lines.append(f"No model card beside this file ({os.path.basename(card)}): nothing is known about its "
+                     "training data or spacing; its inputs are read when Refine loads it.")
+        return "\n".join(lines)
+    for row in text.splitlines():
+        if row.startswith("**Intended use**") and modelPath:
+            lines.append(row.replace("**", "").strip())
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if len(cells) == 2 and cells[0] in ("Inputs", "Spacing", "Training data"):
+            detail = cells[1].replace("`", "")
+            lines.append(f"{cells[0]}: {detail if len(detail) <= 160 else detail[:157] + '...'}")
+    return "\n".join(lines)
+
+
 #
 # RefNetSegmentRefine
 #
@@ -469,11 +504,22 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
                                         "reinstall the RefNet extension.") from err
         return self._model[1]
 
-    def describeModel(self, modelPath: str | None = None) -> str:
-        """One line on what the model takes as input, from its metadata."""
+    def describeModel(self, modelPath: str | None = None, *, load: bool = False) -> str:
+        """The model card's summary; with ``load`` (or once Refine has loaded it) also its inputs.
+
+        Without ``load`` nothing imports torch, so opening the module stays fast.
+        """
+        summary = modelCardSummary(modelPath)
+        path = os.path.abspath(modelPath) if modelPath else None
+        loaded = self._model is not None and self._model[0][0] == path
+        if not (load or loaded):
+            return summary
         if importlib.util.find_spec("torch") is None:
-            return "PyTorch is not installed yet; click Refine to install it."
-        model = self.loadModel(modelPath, device="cpu")
+            return summary + "\nPyTorch is not installed yet; click Refine to install it."
+        return summary + "\n" + self._describeInputs(self.loadModel(modelPath, device="cpu"))
+
+    @staticmethod
+    def _describeInputs(model) -> str:
         window = model.metadata.get("ct_window")
         if not model.uses_ct:
             return "Model input: label map only (the CT sets the voxel grid)."

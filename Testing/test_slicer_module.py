@@ -212,8 +212,11 @@ def test_ct_model_gets_the_ct_in_ijk_order(M, slicer, tmp_path):
     sid = seg.GetSegmentation().GetNthSegmentID(0)
     np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(result.outputNode, sid, ct),
                                   _kji(expected == 6))
-    assert "label map + CT intensities (window 40/400 HU)" in logic.describeModel(str(model_file))
-    assert "label map only" in logic.describeModel(str(make_model_file(tmp_path / "l.pt")))
+    assert "label map + CT intensities (window 40/400 HU)" in logic.describeModel(str(model_file))  # loaded
+    other = str(make_model_file(tmp_path / "l.pt"))
+    assert "label map only" not in logic.describeModel(other)  # not loaded yet: the card only
+    assert "No model card beside this file (l.md)" in logic.describeModel(other)
+    assert "label map only" in logic.describeModel(other, load=True)
 
 
 def test_refine_arrays_is_the_batch_array_path(M, slicer, model_file):
@@ -356,7 +359,7 @@ def test_torch_missing_is_reported_and_installed_the_slicer_way(M, slicer, monke
     ct, seg, _ = _scene(slicer, segments=SEGMENTS[:1])
     with pytest.raises(RuntimeError, match="missing Python packages PyTorch"):
         logic.refine(seg, ct)
-    assert "PyTorch is not installed" in logic.describeModel()
+    assert "PyTorch is not installed" in logic.describeModel(load=True)
 
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # extension missing: import fails
     with pytest.raises(RuntimeError, match="Install the 'PyTorch' extension"):
@@ -423,3 +426,21 @@ def test_self_test_runs_on_the_standin(M, slicer, monkeypatch, tmp_path):
     monkeypatch.setattr(slicer.app, "temporaryPath", str(tmp_path), raising=False)
     M.RefNetSegmentRefineTest().runTest()
     assert (tmp_path / "RefNetSegmentRefineSelfTest.pt").is_file()
+
+
+def test_shipped_model_card_is_summarised_without_torch(M):
+    summary = M.modelCardSummary(None)
+    assert summary.startswith("Demonstration model, trained on generated phantoms; train on your own data")
+    assert "Inputs: label map only" in summary and "Spacing: runs at 1.5 mm in-plane" in summary
+    assert "Training data: " in summary
+
+
+def test_opening_the_module_imports_neither_torch_nor_monai():
+    import subprocess
+
+    paths = [str(STANDIN), str(ROOT / "RefNetSegmentRefine")]
+    code = (f"import sys; sys.path[:0] = {paths!r}; import RefNetSegmentRefine as M; "
+            "logic = M.RefNetSegmentRefineLogic(); text = logic.describeModel(None); "
+            "print(sorted(m for m in ('torch', 'monai', 'nibabel') if m in sys.modules)); print(bool(text))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["[]", "True"]
