@@ -261,7 +261,12 @@ class RefNetSegmentRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if p.inputSegmentation is not self._lastSegmentation:
             self._lastSegmentation = p.inputSegmentation  # the CT follows the segmentation's reference volume
             reference = self.logic.referenceVolume(p.inputSegmentation) if p.inputSegmentation else None
-            if reference:
+            if p.inputSegmentation and reference is None:
+                # Loaded from a file, it names no CT: an earlier, unrelated CT must not stay selected.
+                p.inputVolume = None
+                self._showStatus("Select the CT this segmentation belongs to (it names no reference volume, "
+                                 "e.g. because it was loaded from a file).")
+            elif reference:
                 p.inputVolume = reference
         self.ui.modelPathLineEdit.enabled = not p.useDefaultModel
         self.ui.refineButton.enabled = bool(p.inputSegmentation and p.inputVolume) and not self._running

@@ -444,3 +444,31 @@ def test_opening_the_module_imports_neither_torch_nor_monai():
             "print(sorted(m for m in ('torch', 'monai', 'nibabel') if m in sys.modules)); print(bool(text))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["[]", "True"]
+
+
+def _widget(M, slicer, parameters):
+    """The Widget without its .ui (the stand-in has no Qt): a namespace takes the widgets it sets."""
+    widget = M.RefNetSegmentRefineWidget()
+    widget.logic = M.RefNetSegmentRefineLogic()
+    widget.ui = types.SimpleNamespace(modelPathLineEdit=types.SimpleNamespace(enabled=True),
+                                      refineButton=types.SimpleNamespace(enabled=False),
+                                      statusLabel=types.SimpleNamespace(text=""),
+                                      modelInfoLabel=types.SimpleNamespace(text=""))
+    widget._parameterNode = parameters
+    return widget
+
+
+def test_a_segmentation_without_reference_clears_an_unrelated_ct(M, slicer):
+    ct, seg, _ = _scene(slicer, segments=SEGMENTS[:1])
+    other_ct, _, _ = _scene(slicer, segments=SEGMENTS[:1])
+    loaded = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "from file")  # no reference volume
+    p = types.SimpleNamespace(inputSegmentation=seg, inputVolume=None, useDefaultModel=True, modelPath="")
+    widget = _widget(M, slicer, p)
+    widget._onParameterNodeModified()
+    assert p.inputVolume is ct and widget.ui.refineButton.enabled  # the CT follows the reference
+    p.inputVolume = other_ct
+    p.inputSegmentation = loaded
+    widget._onParameterNodeModified()
+    assert p.inputVolume is None and not widget.ui.refineButton.enabled
+    assert widget.ui.statusLabel.text.startswith("Select the CT this segmentation belongs to")
+    assert "Demonstration model" in widget.ui.modelInfoLabel.text
