@@ -199,6 +199,7 @@ class RefNetSegmentRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._cancelRequested = False
         self._result = None
         self._changesNode = None
+        self._previousLayout = None  # the layout before the review began (restored by End review)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -214,6 +215,8 @@ class RefNetSegmentRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.refineButton.connect("clicked(bool)", self.onRefineButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.showChangesCheckBox.connect("toggled(bool)", self.onShowChangesToggled)
+        self.ui.endReviewButton.connect("clicked(bool)", self.onEndReviewButton)
+        self.ui.endReviewButton.setVisible(False)
         self._setRunning(False)
         self.initializeParameterNode()
 
@@ -232,7 +235,7 @@ class RefNetSegmentRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onSceneStartClose(self, caller, event) -> None:
         self._cancelRequested = True  # a running refinement stops before creating anything
-        self._result = self._changesNode = None
+        self._result = self._changesNode = self._previousLayout = None
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -298,6 +301,7 @@ class RefNetSegmentRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             from refnet.refine import RefinementCancelled
 
             p = self._parameterNode
+            previous = self._result
             self._setRunning(True)
             try:
                 self._result = self.logic.refine(p.inputSegmentation, p.inputVolume, modelPath=self._modelPath(),
@@ -309,7 +313,7 @@ class RefNetSegmentRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 return
             finally:
                 self._setRunning(False)
-            self._showResult()
+            self._showResult(previous)
 
     def onCancelButton(self) -> None:
         self._cancelRequested = True
@@ -354,41 +358,76 @@ class RefNetSegmentRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.progressBar.setVisible(running)
         self.ui.cancelButton.setVisible(running)
 
-    def _showResult(self) -> None:
-        if self._changesNode and slicer.mrmlScene.IsNodePresent(self._changesNode):
-            self._changesNode.GetDisplayNode().SetVisibility(False)  # belongs to the previous result
+    def _showResult(self, previous: RefineResult | None = None) -> None:
+        """Review the new result; what an earlier run showed (its output, its changes) is hidden first."""
+        for node in (self._changesNode, previous.outputNode if previous else None):
+            if node and slicer.mrmlScene.IsNodePresent(node) and node.GetDisplayNode():
+                node.GetDisplayNode().SetVisibility(False)
         self._changesNode = None
-        showSideBySide(self._parameterNode.inputSegmentation, self._result.outputNode, self._parameterNode.inputVolume)
+        layout = showSideBySide(self._parameterNode.inputSegmentation, self._result.outputNode,
+                                self._parameterNode.inputVolume)
+        if self._previousLayout is None:  # a second run keeps the layout from before the first
+            self._previousLayout = layout
+        self.ui.endReviewButton.setVisible(layout is not None)
         self.onShowChangesToggled(self.ui.showChangesCheckBox.checked)
         self._showStatus(self._result.report)
+
+    def onEndReviewButton(self) -> None:
+        """Input shown in every view again, the refined output kept (hidden), the earlier layout back."""
+        with slicer.util.tryWithErrorDisplay("Could not end the review."):
+            endReview(self._parameterNode.inputSegmentation, self._previousLayout)
+            for node in (self._changesNode, self._result.outputNode if self._result else None):
+                if node and slicer.mrmlScene.IsNodePresent(node) and node.GetDisplayNode():
+                    node.GetDisplayNode().RemoveAllViewNodeIDs()
+                    node.GetDisplayNode().SetVisibility(False)
+            self._previousLayout = None
+            self.ui.endReviewButton.setVisible(False)
 
     def _showStatus(self, text: str) -> None:
         self.ui.statusLabel.text = text
 
 
-def showSideBySide(rawSegmentation, refinedSegmentation, volumeNode) -> bool:
-    """Review layout: raw segmentation left (Red view), refined right (Yellow), the CT in both, views linked.
+REVIEW_VIEWS = (("Red", "vtkMRMLSliceNodeRed"), ("Yellow", "vtkMRMLSliceNodeYellow"))  # raw left, refined right
 
-    GUI only: returns False and does nothing without a main window (batch mode), where
-    ``slicer.app.layoutManager()`` is None. Each segmentation's display is limited to its view (a
-    display setting; no segment is changed).
+
+def showSideBySide(rawSegmentation, refinedSegmentation, volumeNode) -> int | None:
+    """Review layout: raw segmentation left (Red view), refined right (Yellow), both axial on the CT, linked.
+
+    GUI only: returns None and does nothing without a main window (batch mode), where
+    ``slicer.app.layoutManager()`` is None; otherwise the layout that was shown before (for
+    :func:`endReview`). Each segmentation's display is limited to its view (a display setting; no
+    segment is changed).
     """
     layoutManager = slicer.app.layoutManager()
     if layoutManager is None:
-        return False
+        return None
+    previousLayout = layoutManager.layout
     layoutManager.setLayout(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
-    slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
-    for segmentation, viewNodeID in ((rawSegmentation, "vtkMRMLSliceNodeRed"),
-                                     (refinedSegmentation, "vtkMRMLSliceNodeYellow")):
+    # vtkMRMLLayoutLogic applies a layout's default orientation only to views it creates: the Yellow view
+    # exists (sagittal) from the start-up layout, and vtkMRMLSliceLinkLogic links only equal orientations.
+    for viewName, _ in REVIEW_VIEWS:
+        layoutManager.sliceWidget(viewName).mrmlSliceNode().SetOrientation("Axial")
+    slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)  # after the orientation: same field of view
+    for segmentation, (_, viewNodeID) in zip((rawSegmentation, refinedSegmentation), REVIEW_VIEWS):
         if segmentation.GetDisplayNode() is None:
             segmentation.CreateDefaultDisplayNodes()
         displayNode = segmentation.GetDisplayNode()
         displayNode.SetVisibility(True)
         displayNode.RemoveAllViewNodeIDs()
         displayNode.AddViewNodeID(viewNodeID)
-    for viewName in ("Red", "Yellow"):
+    for viewName, _ in REVIEW_VIEWS:
         layoutManager.sliceWidget(viewName).mrmlSliceCompositeNode().SetLinkedControl(True)
-    return True
+    return previousLayout
+
+
+def endReview(rawSegmentation, previousLayout: int | None) -> None:
+    """Show the input segmentation in every view again and bring back the layout from before the review."""
+    displayNode = rawSegmentation.GetDisplayNode() if rawSegmentation else None
+    if displayNode is not None:
+        displayNode.RemoveAllViewNodeIDs()  # no view IDs = shown in all views (vtkMRMLDisplayNode)
+    layoutManager = slicer.app.layoutManager()
+    if layoutManager is not None and previousLayout is not None:
+        layoutManager.setLayout(previousLayout)
 
 
 #
@@ -617,8 +656,9 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
     def createRefinedNode(self, segmentationNode, volumeNode, segmentIds, masks, name: str | None = None):
         """A new segmentation: a copy of the input (names, colours, terminology, IDs, order) whose listed
         segments are replaced by ``masks``; removed again if anything fails."""
-        outputNode = slicer.mrmlScene.AddNewNodeByClass(
-            "vtkMRMLSegmentationNode", name or f"{segmentationNode.GetName()} refined")
+        # The scene does not rename a named node: without a unique name a re-run gives two equal names.
+        uniqueName = slicer.mrmlScene.GenerateUniqueName(name or f"{segmentationNode.GetName()} refined")
+        outputNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", uniqueName)
         try:
             outputNode.CreateDefaultDisplayNodes()
             outputNode.SetAndObserveTransformNodeID(segmentationNode.GetTransformNodeID())

@@ -252,7 +252,31 @@ def test_changes_node_holds_the_changed_voxels(M, slicer, model_file):
 
 def test_review_layout_needs_a_main_window(M, slicer):
     ct, seg, _ = _scene(slicer, segments=SEGMENTS[:1])
-    assert M.showSideBySide(seg, seg, ct) is False  # batch mode: no layout manager, nothing touched
+    assert M.showSideBySide(seg, seg, ct) is None  # batch mode: no layout manager, nothing touched
+
+
+@pytest.fixture
+def main_window(slicer):
+    layout = slicer.app.withMainWindow()
+    yield layout
+    slicer.app._layout_manager = None
+
+
+def test_review_views_are_axial_linked_and_end_where_they_began(M, slicer, model_file, main_window):
+    ct, seg, _ = _scene(slicer, segments=SEGMENTS[:1])
+    result = M.RefNetSegmentRefineLogic().refine(seg, ct, modelPath=str(model_file), device="cpu")
+    before = main_window.layout
+    assert main_window.sliceWidget("Yellow").mrmlSliceNode().GetOrientation() == "Sagittal"  # start-up layout
+    assert M.showSideBySide(seg, result.outputNode, ct) == before
+    assert main_window.layout == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+    red, yellow = main_window.sliceWidget("Red"), main_window.sliceWidget("Yellow")
+    assert red.mrmlSliceNode().GetOrientation() == yellow.mrmlSliceNode().GetOrientation() == "Axial"
+    assert red.mrmlSliceCompositeNode().GetLinkedControl() and yellow.mrmlSliceCompositeNode().GetLinkedControl()
+    assert yellow.mrmlSliceCompositeNode().background_volume_id == ct.GetID() and yellow.mrmlSliceNode().fitted
+    assert seg.GetDisplayNode().view_node_ids == ["vtkMRMLSliceNodeRed"]
+    assert result.outputNode.GetDisplayNode().view_node_ids == ["vtkMRMLSliceNodeYellow"]
+    M.endReview(seg, before)
+    assert seg.GetDisplayNode().view_node_ids == [] and main_window.layout == before  # shown everywhere again
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -446,16 +470,57 @@ def test_opening_the_module_imports_neither_torch_nor_monai():
     assert out == ["[]", "True"]
 
 
+class _FakeQtWidget:
+    """Any .ui widget: takes every property the Widget sets; setVisible/connect are recorded, not rendered."""
+
+    def __init__(self) -> None:
+        self.enabled, self.checked, self.visible, self.text, self.value, self.maximum = True, False, True, "", 0, 0
+
+    def setVisible(self, visible: bool) -> None:
+        self.visible = bool(visible)
+
+    def connect(self, signal: str, slot) -> None:
+        pass
+
+
 def _widget(M, slicer, parameters):
-    """The Widget without its .ui (the stand-in has no Qt): a namespace takes the widgets it sets."""
+    """The Widget without its .ui (the stand-in has no Qt): fake widgets take what it sets."""
     widget = M.RefNetSegmentRefineWidget()
     widget.logic = M.RefNetSegmentRefineLogic()
-    widget.ui = types.SimpleNamespace(modelPathLineEdit=types.SimpleNamespace(enabled=True),
-                                      refineButton=types.SimpleNamespace(enabled=False),
-                                      statusLabel=types.SimpleNamespace(text=""),
-                                      modelInfoLabel=types.SimpleNamespace(text=""))
+    names = ("modelPathLineEdit", "refineButton", "statusLabel", "modelInfoLabel", "showChangesCheckBox",
+             "endReviewButton", "inputsCollapsibleButton", "modelCollapsibleButton", "advancedCollapsibleButton",
+             "progressBar", "cancelButton")
+    widget.ui = types.SimpleNamespace(**{n: _FakeQtWidget() for n in names})
     widget._parameterNode = parameters
     return widget
+
+
+def _visible_in(node, view_id):
+    display = node.GetDisplayNode()
+    return display.GetVisibility() and (not display.view_node_ids or view_id in display.view_node_ids)
+
+
+def test_a_second_refine_leaves_one_visible_output_and_end_review_restores_the_input(M, slicer, model_file,
+                                                                                   main_window):
+    ct, seg, _ = _scene(slicer, segments=SEGMENTS[:1])
+    p = types.SimpleNamespace(inputSegmentation=seg, inputVolume=ct, useDefaultModel=False,
+                              modelPath=str(model_file), device=types.SimpleNamespace(value="cpu"), safetyGuards=True)
+    widget = _widget(M, slicer, p)
+    before = main_window.layout
+    widget.onRefineButton()
+    first = widget._result.outputNode
+    widget.onRefineButton()
+    second = widget._result.outputNode
+    assert first is not second and (first.GetName(), second.GetName()) == ("Model output refined",
+                                                                         "Model output refined_1")
+    outputs = [n for n in slicer.mrmlScene.nodes("vtkMRMLSegmentationNode") if n is not seg]
+    assert [n for n in outputs if n.GetDisplayNode().GetVisibility()] == [second]
+    assert _visible_in(second, "vtkMRMLSliceNodeYellow") and not _visible_in(seg, "vtkMRMLSliceNodeYellow")
+    assert widget.ui.endReviewButton.visible
+    widget.onEndReviewButton()
+    assert all(_visible_in(seg, v) for v in ("vtkMRMLSliceNodeRed", "vtkMRMLSliceNodeYellow", "vtkMRMLViewNode1"))
+    assert main_window.layout == before and not widget.ui.endReviewButton.visible
+    assert slicer.mrmlScene.IsNodePresent(second) and not second.GetDisplayNode().GetVisibility()
 
 
 def test_a_segmentation_without_reference_clears_an_unrelated_ct(M, slicer):

@@ -17,8 +17,8 @@ What it does NOT verify (only real Slicer can): resampling between different vox
 through parent transforms (the stand-in raises NotImplementedError instead of resampling); shared
 labelmap layers, label values and representation conversion (closed surface etc.); VTK memory
 semantics (views into VTK arrays, reference counting); rendering, display nodes beyond storing
-their settings, layouts and slice views; Qt widgets, the .ui loader, signals and the parameter node
-GUI binding (``parameterNodeWrapper`` is a no-op decorator here); the terminology module; pip,
+their settings, slice views beyond orientation, fit and linking; Qt widgets, the .ui loader, signals
+and the parameter node GUI binding (``parameterNodeWrapper`` is a no-op decorator here); the terminology module; pip,
 PyTorch installation and Slicer's command-line/exit handling.
 """
 
@@ -319,6 +319,7 @@ class vtkMRMLScene:
         self._nodes: list[vtkMRMLNode] = []
         self._ids = itertools.count(1)
         self._subject_hierarchy = vtkMRMLSubjectHierarchyNode()
+        self._unique_names: dict[str, int] = {}
 
     def AddNode(self, node: vtkMRMLNode) -> vtkMRMLNode:
         node._id = f"{node.GetClassName()}{next(self._ids)}"
@@ -355,11 +356,27 @@ class vtkMRMLScene:
         return next((n for n in self._nodes if n._singleton_tag == tag and n.IsA(class_name)), None)
 
     def GenerateUniqueName(self, name: str) -> str:
-        return name
+        """vtkMRMLScene::GenerateUniqueName / GetUniqueNameIndex / BuildName: "foo", then "foo_1", "foo_2"...
+
+        The index continues from the last one handed out for the name (registered even if no node takes it)
+        and skips names a node already has. AddNewNodeByClass does not call it: two nodes can share a name.
+        """
+        index = self._unique_names.get(name, -1)
+        while True:
+            index += 1
+            candidate = name if index == 0 else f"{name}_{index}"
+            if not any(n.GetName() == candidate for n in self._nodes):
+                break
+        self._unique_names[name] = index
+        return candidate
+
+    def GetFirstNodeByName(self, name: str) -> vtkMRMLNode | None:
+        return next((n for n in self._nodes if n.GetName() == name), None)
 
     def Clear(self, remove_singletons: int = 0) -> None:
         self._nodes = []
         self._subject_hierarchy = vtkMRMLSubjectHierarchyNode()
+        self._unique_names = {}
 
     def nodes(self, class_name: str = "vtkMRMLNode") -> list[vtkMRMLNode]:
         """Stand-in only (tests): the nodes of a class, in insertion order."""
@@ -413,20 +430,106 @@ modules = types.SimpleNamespace(
 )
 
 
+class vtkMRMLLayoutNode:
+    SlicerLayoutConventionalView = 2
+    SlicerLayoutOneUpRedSliceView = 6
+    SlicerLayoutSideBySideView = 29
+
+
+class _SliceNode:
+    """vtkMRMLSliceNode's orientation preset (SetOrientation / GetOrientation, vtkMRMLSliceNode.h)."""
+
+    def __init__(self, orientation: str) -> None:
+        self.orientation = orientation
+        self.fitted = 0
+
+    def SetOrientation(self, orientation: str) -> bool:
+        self.orientation = orientation
+        return True
+
+    def GetOrientation(self) -> str:
+        return self.orientation
+
+
+class _SliceCompositeNode:
+    def __init__(self) -> None:
+        self.linked = False
+        self.background_volume_id: str | None = None
+
+    def SetLinkedControl(self, linked: bool) -> None:
+        self.linked = bool(linked)
+
+    def GetLinkedControl(self) -> bool:
+        return self.linked
+
+
+class _SliceLogic:
+    def __init__(self, node: _SliceNode) -> None:
+        self._node = node
+
+    def FitSliceToAll(self) -> None:
+        self._node.fitted += 1
+
+
+class _SliceWidget:
+    def __init__(self, orientation: str) -> None:
+        self._node, self._composite = _SliceNode(orientation), _SliceCompositeNode()
+        self._logic = _SliceLogic(self._node)
+
+    def mrmlSliceNode(self) -> _SliceNode:
+        return self._node
+
+    def mrmlSliceCompositeNode(self) -> _SliceCompositeNode:
+        return self._composite
+
+    def sliceLogic(self) -> _SliceLogic:
+        return self._logic
+
+
+class _LayoutManager:
+    """qSlicerLayoutManager with the rule of vtkMRMLLayoutLogic::CreateMissingViews / ApplyProperties.
+
+    A layout's view properties marked ``action="default"`` (the side-by-side layout's axial Yellow
+    view) are applied only to views the layout logic *creates*; a view that already exists from an
+    earlier layout keeps its orientation. The start-up (conventional) layout creates Red axial,
+    Yellow sagittal, Green coronal.
+    """
+
+    def __init__(self) -> None:
+        self.layout = vtkMRMLLayoutNode.SlicerLayoutConventionalView
+        startup = (("Red", "Axial"), ("Yellow", "Sagittal"), ("Green", "Coronal"))
+        self._widgets = {name: _SliceWidget(o) for name, o in startup}
+
+    def setLayout(self, layout: int) -> None:
+        self.layout = int(layout)  # existing views keep their orientation (see the class docstring)
+
+    def sliceWidget(self, name: str) -> _SliceWidget | None:
+        return self._widgets.get(name)
+
+    def sliceViewNames(self) -> list[str]:
+        return list(self._widgets)
+
+
 class _App:
-    """The application as in ``--no-main-window`` batch mode: no layout manager, no main window."""
+    """The application as in ``--no-main-window`` batch mode (no layout manager), or with a main window."""
 
     temporaryPath = "/tmp"
 
     def __init__(self) -> None:
         self.process_events_calls = 0
         self.exit_status: int | None = None
+        self._layout_manager: _LayoutManager | None = None
 
     def processEvents(self) -> None:
         self.process_events_calls += 1
 
-    def layoutManager(self) -> None:
-        return None
+    def layoutManager(self) -> _LayoutManager | None:
+        return self._layout_manager
+
+    def withMainWindow(self) -> _LayoutManager:
+        """Test helper (not Slicer API): from now on the application has a main window and its layouts."""
+        self._layout_manager = _LayoutManager()
+        return self._layout_manager
 
     def exit(self, status: int = 0) -> None:
         self.exit_status = status
@@ -443,6 +546,7 @@ __all__ = [
     "util",
     "vtkMRMLDisplayNode",
     "vtkMRMLLabelMapVolumeNode",
+    "vtkMRMLLayoutNode",
     "vtkMRMLNode",
     "vtkMRMLScalarVolumeNode",
     "vtkMRMLScene",

@@ -125,3 +125,17 @@ def pip_install(requirements, **kwargs) -> None:
 
 def exit(status=0) -> None:
     slicer.app.exit(status)
+
+
+def setSliceViewerLayers(background=None, fit=False, **kwargs) -> None:
+    """slicer.util.setSliceViewerLayers: the background volume of every slice view; ``fit`` resets the views
+    (util.py: resetSliceViews -> each view's FitSliceToAll). No-op without a main window here."""
+    layoutManager = slicer.app.layoutManager()
+    if layoutManager is None:
+        return
+    for name in layoutManager.sliceViewNames():
+        widget = layoutManager.sliceWidget(name)
+        if background is not None:
+            widget.mrmlSliceCompositeNode().background_volume_id = background.GetID()
+        if fit:
+            widget.sliceLogic().FitSliceToAll()
