@@ -630,9 +630,26 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def exportMasks(segmentationNode, segmentIds: list[str], volumeNode) -> list[np.ndarray]:
-        """Each segment as an (I, J, K) bool mask on the CT's voxel grid (copies; the node is not changed)."""
+        """Each segment as an (I, J, K) bool mask on the CT's voxel grid (copies; the node is not changed).
+
+        Exporting converts a closed-surface or RT-structure source into a binary labelmap and keeps it on the
+        node it exports from (ExportSegmentsToLabelmapNode calls CreateRepresentation), so such an input is
+        exported from a temporary copy; a binary-labelmap input has nothing to convert and is read directly.
+        """
         arrayFrom = slicer.util.arrayFromSegmentBinaryLabelmap  # (K, J, I) copy in the reference geometry
-        return [arrayFrom(segmentationNode, segmentId, volumeNode).transpose(2, 1, 0) > 0 for segmentId in segmentIds]
+        binary = slicer.vtkSegmentationConverter.GetSegmentationBinaryLabelmapRepresentationName()
+        source, copy = segmentationNode, None
+        if not segmentationNode.GetSegmentation().ContainsRepresentation(binary):
+            copy = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                      slicer.mrmlScene.GenerateUniqueName("RefNet export copy"))
+            copy.SetAndObserveTransformNodeID(segmentationNode.GetTransformNodeID())
+            copy.GetSegmentation().DeepCopy(segmentationNode.GetSegmentation())
+            source = copy
+        try:
+            return [arrayFrom(source, segmentId, volumeNode).transpose(2, 1, 0) > 0 for segmentId in segmentIds]
+        finally:
+            if copy is not None:
+                slicer.mrmlScene.RemoveNode(copy)
 
     @staticmethod
     def _importMasks(segmentationNode, segmentIds: list[str], masks: list[np.ndarray], volumeNode) -> None:

@@ -537,3 +537,16 @@ def test_a_segmentation_without_reference_clears_an_unrelated_ct(M, slicer):
     assert p.inputVolume is None and not widget.ui.refineButton.enabled
     assert widget.ui.statusLabel.text.startswith("Select the CT this segmentation belongs to")
     assert "Demonstration model" in widget.ui.modelInfoLabel.text
+
+
+def test_a_closed_surface_input_is_exported_from_a_copy(M, slicer, model_file):
+    ct, seg, _ = _scene(slicer)
+    seg.SetSourceRepresentationToClosedSurface()
+    nodes_before = list(slicer.mrmlScene.nodes())
+    result = M.RefNetSegmentRefineLogic().refine(seg, ct, modelPath=str(model_file), device="cpu")
+    assert seg.GetSegmentation()._representations() == {"Closed surface"}  # no labelmap added to the input
+    assert [n for n in slicer.mrmlScene.nodes() if n not in nodes_before] == [result.outputNode]  # copy removed
+    ct2, seg2, _ = _scene(slicer)  # the same segmentation as binary labelmaps refines identically
+    again = M.RefNetSegmentRefineLogic().refine(seg2, ct2, modelPath=str(model_file), device="cpu")
+    assert {k: v.tolist() for k, v in _arrays(slicer, result.outputNode, ct).items()} == \
+        {k: v.tolist() for k, v in _arrays(slicer, again.outputNode, ct2).items()}

@@ -222,6 +222,7 @@ class vtkSegmentation:
         self._segments: dict[str, vtkSegment] = {}
         self._parameters: dict[str, str] = {}
         self._source = "Binary labelmap"
+        self._derived: set[str] = set()  # representations converted from the source
         self._counter = itertools.count(1)
 
     def GetNumberOfSegments(self) -> int:
@@ -251,11 +252,25 @@ class vtkSegmentation:
     def GetSourceRepresentationName(self) -> str:
         return self._source
 
+    def ContainsRepresentation(self, name: str) -> bool:
+        return name == self._source or name in self._derived
+
+    def CreateRepresentation(self, name: str) -> bool:
+        """vtkSegmentation::CreateRepresentation: converts the source into ``name`` and keeps it on the node."""
+        if name != self._source:
+            self._derived.add(name)
+        return True
+
+    def _representations(self) -> set[str]:
+        """Stand-in only (tests): every representation the segmentation holds."""
+        return {self._source} | self._derived
+
     def DeepCopy(self, other: vtkSegmentation) -> None:
         self._ids = list(other._ids)
         self._segments = {sid: seg._copy() for sid, seg in other._segments.items()}
         self._parameters = dict(other._parameters)
         self._source = other._source
+        self._derived = set(other._derived)
 
 
 class vtkMRMLSegmentationNode(vtkMRMLNode):
@@ -279,6 +294,10 @@ class vtkMRMLSegmentationNode(vtkMRMLNode):
 
     def SetSourceRepresentationToBinaryLabelmap(self) -> bool:
         self._segmentation._source = "Binary labelmap"
+        return True
+
+    def SetSourceRepresentationToClosedSurface(self) -> bool:
+        self._segmentation._source = "Closed surface"
         return True
 
     def _grid(self) -> str:

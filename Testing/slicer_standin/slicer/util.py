@@ -56,7 +56,11 @@ def _reference(segmentationNode, referenceVolumeNode):
 
 
 def arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeNode=None) -> np.ndarray:
+    """util.py: exports through vtkSlicerSegmentationsModuleLogic::ExportSegmentsToLabelmapNode, which first
+    converts the source representation (closed surface, RT structure) into a binary labelmap *on the node*
+    (CreateRepresentation): the node gains a representation. Voxels come from the stored masks here."""
     reference = _reference(segmentationNode, referenceVolumeNode)
+    segmentationNode.GetSegmentation().CreateRepresentation("Binary labelmap")
     segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
     if segment is None:
         raise RuntimeError("Export of segment failed.")
