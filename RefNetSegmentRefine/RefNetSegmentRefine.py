@@ -821,16 +821,34 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
 
     # --- training (headless)
 
-    def train(self, datasetDir: str, predictionDirs: list[str], outputModelPath: str, **trainConfig):
-        """Train a RefNet model from a BTCV-layout dataset and folders of a model's predictions.
+    def train(self, datasetDir: str, predictionDirs: list[str], outputModelPath: str, *, preset: str = "demo",
+              useCt: bool = False, labelScheme: str = "refnet", extraLabelDirs: tuple[str, ...] = (),
+              extraLabelsScheme: str = "refnet", workDir: str | None = None, progress: bool = False,
+              **trainConfig):
+        """Train a RefNet model from a BTCV-layout dataset and folders of models' predictions (headless).
 
-        Thin call of :func:`refnet.train.train_from_folders`; ``trainConfig`` are
-        :class:`refnet.train.TrainConfig` fields. Returns the written model path.
+        The same as ``refnet train``: :func:`refnet.train.train_from_folders` with the ``demo`` preset (trains in
+        minutes on a CPU) or the ``paper`` one, ``useCt`` adding the CT channel, and ``trainConfig`` overriding
+        :class:`refnet.train.TrainConfig` fields (e.g. ``epochs=20``). Used by Scripts/RefNetTrain.py.
+
+        Returns:
+            The written model path; choose it under Model to refine with it.
         """
         self._requireDependencies()
+        from dataclasses import replace
+
+        from refnet.pipeline import DemoConfig
         from refnet.train import TrainConfig, train_from_folders
 
-        return train_from_folders(datasetDir, list(predictionDirs), outputModelPath, config=TrainConfig(**trainConfig))
+        if preset not in ("demo", "paper"):
+            raise ValueError(f"preset must be 'demo' or 'paper', got {preset!r}.")
+        config = DemoConfig().train if preset == "demo" else TrainConfig()
+        if useCt:
+            trainConfig["model"] = replace(config.model, ct_channels=1)
+        return train_from_folders(datasetDir, list(predictionDirs), outputModelPath,
+                                  config=replace(config, **trainConfig), work_dir=workDir, scheme=labelScheme,
+                                  progress=progress, extra_label_dirs=tuple(extraLabelDirs),
+                                  extra_scheme=extraLabelsScheme)
 
 
 #

@@ -10,6 +10,7 @@ stand-in's docstring (resampling, rendering, widgets, parameter node binding, in
 import importlib
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -424,16 +425,22 @@ def test_train_is_a_thin_call_of_the_core(M, slicer, monkeypatch, tmp_path):
 
     calls = []
 
-    def fake_train(dataset_dir, prediction_dirs, output, *, config=None):
-        calls.append((dataset_dir, prediction_dirs, output, config))
+    def fake_train(dataset_dir, prediction_dirs, output, *, config=None, **kw):
+        calls.append((dataset_dir, prediction_dirs, output, config, kw))
         return Path(output)
 
     monkeypatch.setattr(refnet.train, "train_from_folders", fake_train)
-    out = M.RefNetSegmentRefineLogic().train("data", ("p1", "p2"), str(tmp_path / "m.pt"), epochs=2)
+    out = M.RefNetSegmentRefineLogic().train("data", ("p1", "p2"), str(tmp_path / "m.pt"), epochs=2,
+                                             labelScheme="btcv")
     assert out == tmp_path / "m.pt"
-    (dataset, predictions, _, config), = calls
-    assert (dataset, predictions) == ("data", ["p1", "p2"])
-    assert isinstance(config, refnet.train.TrainConfig) and config.epochs == 2
+    (dataset, predictions, _, config, kw), = calls
+    assert (dataset, predictions) == ("data", ["p1", "p2"]) and kw["scheme"] == "btcv"
+    from refnet.pipeline import DemoConfig
+
+    # The demo preset (as `refnet train`'s default) with the override applied.
+    assert config == replace(DemoConfig().train, epochs=2)
+    with pytest.raises(ValueError, match="preset must be"):
+        M.RefNetSegmentRefineLogic().train("data", ("p1",), "m.pt", preset="fast")
 
 
 def test_self_test_runs_on_the_standin(M, slicer, monkeypatch, tmp_path):

@@ -1,0 +1,56 @@
+"""Scripts/RefNetTrain.py: headless training through the module Logic (stand-in Slicer) and in plain Python."""
+
+import importlib.util
+import sys
+
+import pytest
+from refnet.checkpoint import load_model
+from refnet.data.phantoms import PhantomConfig, write_phantom_dataset
+
+from .test_batch import ROOT, standin  # noqa: F401  (the stand-in fixture)
+
+SCRIPT = ROOT / "RefNetSegmentRefine" / "Scripts" / "RefNetTrain.py"
+TINY = ["--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--val-cases", "0", "--device", "cpu"]
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("RefNetTrain", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_data")
+    coarse = PhantomConfig.demo(inplane_spacing_mm=(6.0, 6.0), slice_spacing_mm=(9.0, 9.0))
+    write_phantom_dataset(root, [5, 6, 1], config=coarse, seed=0)
+    return root  # its label/ folder doubles as a "model's predictions" (a perfect model)
+
+
+def test_plain_python_trains_the_model_refnet_train_would(dataset, tmp_path):
+    out = tmp_path / "m.pt"
+    argv = ["RefNetTrain.py", "--data", str(dataset), "--predictions", str(dataset / "label"), "--out", str(out), *TINY]
+    assert _load().main(argv) == 0
+    model = load_model(out)
+    assert model.metadata["training"]["pairs"] == 2 and not model.uses_ct
+
+
+def test_inside_slicer_it_trains_through_the_module_logic(dataset, tmp_path, standin, monkeypatch):  # noqa: F811
+    script = _load()
+    import RefNetSegmentRefine
+
+    calls = []
+    real = RefNetSegmentRefine.RefNetSegmentRefineLogic.train
+    monkeypatch.setattr(RefNetSegmentRefine.RefNetSegmentRefineLogic, "train",
+                        lambda self, *a, **kw: calls.append(kw) or real(self, *a, **kw))
+    out = tmp_path / "ct.pt"
+    argv = ["s.py", "--", "--data", str(dataset), "--predictions", str(dataset / "label"), "--out", str(out), "--ct",
+            *TINY]
+    assert script.main(argv) == 0
+    assert calls and calls[0]["useCt"] and calls[0]["epochs"] == 1 and calls[0]["preset"] == "demo"
+    assert load_model(out).uses_ct
+    assert script.main(["s.py", "--", "--data", str(dataset)]) == 2  # missing --predictions/--out
+    assert script.main(["s.py", "--", "--data", str(tmp_path / "none"), "--predictions", str(tmp_path),
+                        "--out", str(tmp_path / "x.pt"), *TINY]) == 1
+    assert "slicer" in sys.modules
