@@ -125,8 +125,8 @@ def main(argv: list[str]) -> int:
         logging.error("RefNet batch: no label maps (.nii, .nii.gz, .nrrd) found in %s.", args.input)
         return 1
 
-    def refineCase(labels, affine, ct):
-        return logic.refineArraysWithReport(labels, affine, ct, model=model, labelScheme=args.label_scheme,
+    def refineCase(labels, affine, ct, scheme=None):  # scheme "refnet": a .seg.nrrd's class map
+        return logic.refineArraysWithReport(labels, affine, ct, model=model, labelScheme=scheme or args.label_scheme,
                                             guards=guards)
 
     from refnet.checkpoint import default_model_path

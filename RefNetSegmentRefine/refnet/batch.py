@@ -47,6 +47,7 @@ import numpy as np
 from .guards import GUARD_NAMES, GuardConfig
 from .io import load_volume, save_volume, stop_on_sigterm, sweep_temporaries, volume_suffix, write_json
 from .labels import LABEL_SCHEMES, from_class_labels, to_class_labels
+from .segfile import is_segmentation_file, read_segmentation_file, write_segmentation_file
 
 if TYPE_CHECKING:  # the checkpoint and refine modules import torch; only load them when refining
     from .checkpoint import LoadedModel
@@ -76,7 +77,9 @@ logger = logging.getLogger(__name__)
 
 LoadedCase = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
 """``(labels (I, J, K), affine (4, 4), ct (I, J, K) or None)`` as returned by a case loader."""
-RefineCase = Callable[[np.ndarray, np.ndarray, "np.ndarray | None"], "RefineResult | np.ndarray"]
+# refine_case(labels, affine, ct) in the run's label scheme, or with scheme="refnet" for the class map of a
+# segmentation file (whose segments are matched to classes by name).
+RefineCase = Callable[..., "RefineResult | np.ndarray"]
 """``refine_case(labels, affine, ct) -> RefineResult`` (refined labels in the input's shape, dtype and
 label scheme, plus the report), e.g. :func:`refine_label_map_with_report`; a bare array of refined
 labels is accepted too (the summary then has no report for the case)."""
@@ -196,22 +199,28 @@ def find_cases(input_dir: str | os.PathLike, *, ct_dir: str | os.PathLike | None
     return cases
 
 
-def load_case_files(case: Case, *, needs_ct: bool) -> LoadedCase:
+def load_case_files(case: Case, *, needs_ct: bool, affine: np.ndarray | None = None,
+                    shape: tuple[int, ...] | None = None) -> LoadedCase:
     """Read a case with :func:`refnet.io.load_volume`; the CT only when ``needs_ct``.
+
+    With ``case.labels`` None only the CT is read, checked against ``affine`` and ``shape`` (the grid of
+    a segmentation file read elsewhere).
 
     Raises:
         ValueError: CT needed but missing, or on another grid than the label map.
     """
-    labels = load_volume(case.labels)
+    labels = load_volume(case.labels) if case.labels is not None else None
+    if labels is not None:
+        affine, shape = labels.affine, labels.array.shape
     if not needs_ct:
         return labels.array, labels.affine, None
     if case.ct is None:
         raise ValueError("the model needs the CT but none was found (imgXXXX beside labelXXXX, or --ct DIR).")
     ct = load_volume(case.ct)
-    if ct.array.shape != labels.array.shape or not np.allclose(ct.affine, labels.affine, atol=1e-3):
+    if ct.array.shape != tuple(shape) or not np.allclose(ct.affine, affine, atol=1e-3):
         raise ValueError(f"CT {case.ct.name} is on another voxel grid than the label map "
-                         f"(shape {ct.array.shape} vs {labels.array.shape}); resample one onto the other.")
-    return labels.array, labels.affine, ct.array
+                         f"(shape {ct.array.shape} vs {tuple(shape)}); resample one onto the other.")
+    return (None if labels is None else labels.array), affine, ct.array
 
 
 def refine_label_map_with_report(
@@ -387,10 +396,18 @@ def _refine_one(case: Case, target: Path, refine_case: RefineCase, needs_ct: boo
     """Load, refine and save one case; fills ``entry`` (status, reason, seconds, report)."""
     start = time.perf_counter()
     try:
-        labels, affine, ct = load_case(case, needs_ct=needs_ct)
-        result = refine_case(labels, affine, ct)
-        refined, report = (result, None) if isinstance(result, np.ndarray) else (result.labels, result.report)
-        save_volume(target, refined, affine)
+        if is_segmentation_file(case.labels):  # segments matched by name, refined as RefNet classes
+            segments = read_segmentation_file(case.labels)
+            ct = load_case_files(dataclasses.replace(case, labels=None), needs_ct=True, affine=segments.affine,
+                                 shape=segments.masks[0].shape)[2] if needs_ct else None
+            result = refine_case(segments.class_map(), segments.affine, ct, scheme="refnet")
+            refined, report = (result, None) if isinstance(result, np.ndarray) else (result.labels, result.report)
+            write_segmentation_file(target, segments, refined)
+        else:
+            labels, affine, ct = load_case(case, needs_ct=needs_ct)
+            result = refine_case(labels, affine, ct)
+            refined, report = (result, None) if isinstance(result, np.ndarray) else (result.labels, result.report)
+            save_volume(target, refined, affine)
     except Exception as err:  # one bad case must not stop the dataset; the reason is reported
         entry.update(status="failed", reason=f"{type(err).__name__}: {err}")
         return
@@ -551,8 +568,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     guards = guard_config(args)
     config = RefineConfig(guards=guards)
 
-    def refine_case(labels, affine, ct):
-        return refine_label_map_with_report(labels, affine, ct, model=model, scheme=args.label_scheme, config=config)
+    def refine_case(labels, affine, ct, scheme=None):  # scheme: "refnet" for a segmentation file's class map
+        return refine_label_map_with_report(labels, affine, ct, model=model, scheme=scheme or args.label_scheme,
+                                            config=config)
 
     settings = guard_settings(guards, model)
     try:

@@ -91,8 +91,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_refine(args: argparse.Namespace) -> int:
     from .batch import guard_config, guard_settings, refine_label_map_with_report, write_json
     from .checkpoint import load_model
-    from .io import check_output_path, check_writable, load_volume, save_volume
+    from .io import Volume, check_output_path, check_writable, load_volume, save_volume
     from .refine import RefineConfig
+    from .segfile import is_segmentation_file, read_segmentation_file, write_segmentation_file
     from .segments import format_guards
 
     guards = guard_config(args)
@@ -105,7 +106,17 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     check_output_path(out, overwrite=args.overwrite)  # before minutes of work, not after
     if args.report:
         check_writable(args.report)
-    labels = load_volume(args.labels)
+    segments = None
+    if is_segmentation_file(args.labels) != is_segmentation_file(out):
+        raise ValueError(f"--labels {args.labels} and --out {out} must both be Slicer segmentations (.seg.nrrd) or "
+                         "both label maps, so every segment's name and colour survive.")
+    if is_segmentation_file(args.labels):  # segments matched to classes by name; refined as RefNet classes
+        segments = read_segmentation_file(args.labels)
+        labels = Volume(segments.class_map(), segments.affine)
+        if segments.unmatched:
+            print(f"Copied unchanged (no RefNet class): {', '.join(segments.unmatched)}.")
+    else:
+        labels = load_volume(args.labels)
     ct = load_volume(args.ct) if args.ct else None
     if ct is not None and (ct.array.shape != labels.array.shape or not _same_grid(ct.affine, labels.affine)):
         raise ValueError(f"{args.ct} and {args.labels} are on different grids ({_grid_difference(ct, labels)}); "
@@ -115,12 +126,15 @@ def _cmd_refine(args: argparse.Namespace) -> int:
         logger.warning("this model reads only the label map; --ct %s is not used", args.ct)
     bar = _slice_bar(args.progress)
     result = refine_label_map_with_report(labels.array, labels.affine, None if ct is None else ct.array,
-                                          model=model, scheme=args.label_scheme,
+                                          model=model, scheme="refnet" if segments else args.label_scheme,
                                           config=RefineConfig(batch_size=args.batch_size, guards=guards),
                                           progress=bar)
     if bar is not None:
         bar.close()
-    save_volume(out, result.labels, labels.affine)
+    if segments is not None:
+        write_segmentation_file(out, segments, result.labels)
+    else:
+        save_volume(out, result.labels, labels.affine)
     report = result.report
     changed = ", ".join(f"{name} +{a} -{r}" for name, (a, r) in report.changed.items()) or "none"
     print(f"refined {args.labels} -> {out} ({int((result.labels != labels.array).sum())} voxels changed)")
@@ -255,7 +269,8 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("refine", parents=[common, progress], help="refine one label map")
-    s.add_argument("--labels", required=True, help="label map to refine (.nii, .nii.gz, .nrrd)")
+    s.add_argument("--labels", required=True,
+                   help="label map to refine (.nii, .nii.gz, .nrrd) or Slicer segmentation (.seg.nrrd)")
     s.add_argument("--ct", help="the CT on the same grid (needed by CT-conditioned models)")
     s.add_argument("--model", help="RefNet model file (default: the shipped phantom model)")
     s.add_argument("--out", required=True, help="new file for the refined label map")

@@ -84,6 +84,10 @@ def load_volume(path: str | os.PathLike) -> Volume:
     path = Path(path)
     _check_input_file(path)
     suffix = volume_suffix(path)
+    if suffix == ".seg.nrrd":  # its voxels are per-layer segment values: read as classes they would be wrong
+        raise ValueError(f"{path}: is a Slicer segmentation, not a label volume; read it with "
+                         "refnet.segfile.read_segmentation_file (refnet refine and refnet-batch do), or export "
+                         "a label map from Slicer.")
     try:
         if suffix.endswith(".nrrd"):
             array, affine = _load_nrrd(path)
