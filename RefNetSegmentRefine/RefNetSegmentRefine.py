@@ -605,7 +605,8 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
         """Validate the inputs and return the CT to use (the segmentation's reference volume by default).
 
         Raises:
-            ValueError: nothing selected, no CT, no segments, different transforms or voxel grids.
+            ValueError: nothing selected, no CT, no segments, different transforms, a segmentation that
+                does not overlap the CT.
         """
         from refnet.segments import check_segmentation_grid, parse_image_geometry
 
@@ -622,8 +623,11 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
         geometry = segmentationNode.GetSegmentation().GetConversionParameter(
             slicer.vtkSegmentationConverter.GetReferenceImageGeometryParameterName())
         if geometry:
-            check_segmentation_grid(*parse_image_geometry(geometry), self.ijkToRas(volumeNode),
-                                    volumeNode.GetImageData().GetExtent())
+            onGrid = check_segmentation_grid(*parse_image_geometry(geometry), self.ijkToRas(volumeNode),
+                                             volumeNode.GetImageData().GetExtent())
+            if not onGrid:
+                self.log("The segmentation is on another voxel grid than the CT; its segments are resampled onto "
+                         "the CT grid (nearest voxel) for refining, and the refined segments are on the CT grid.")
         else:
             self.log("The segmentation has no reference geometry; its segments are exported onto the CT grid.")
         return volumeNode

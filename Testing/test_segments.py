@@ -202,18 +202,23 @@ def _shifted(di, dj, dk):
     (CT + 1e-5, CT_EXTENT),  # float noise from file headers
 ])
 def test_check_segmentation_grid_accepts_the_ct_grid(matrix, extent):
-    check_segmentation_grid(matrix, extent, CT, CT_EXTENT)
+    assert check_segmentation_grid(matrix, extent, CT, CT_EXTENT) is True
 
 
 @pytest.mark.parametrize(("matrix", "extent"), [
     (_shifted(0.5, 0, 0), CT_EXTENT),  # half a voxel off
     (CT @ np.diag([0.5, 1.0, 1.0, 1.0]), CT_EXTENT),  # finer spacing (an oversampled segmentation)
-    (np.diag([-0.8, -0.8, 2.5, 1.0]), CT_EXTENT),  # flipped axes
+    (np.array([[-0.8, 0, 0, 18.0], [0, -0.8, 0, 36.2], [0, 0, 2.5, 100.0], [0, 0, 0, 1]]), CT_EXTENT),  # flipped
     (_shifted(30, 0, 0), CT_EXTENT),  # reaches outside the CT
 ])
-def test_check_segmentation_grid_rejects_other_grids(matrix, extent):
-    with pytest.raises(ValueError, match="different voxel grid.*Specify geometry"):
-        check_segmentation_grid(matrix, extent, CT, CT_EXTENT)
+def test_check_segmentation_grid_resamples_other_overlapping_grids(matrix, extent):
+    assert check_segmentation_grid(matrix, extent, CT, CT_EXTENT) is False
+
+
+@pytest.mark.parametrize("matrix", [_shifted(40, 0, 0), _shifted(0, 0, -11)])
+def test_check_segmentation_grid_refuses_a_segmentation_beside_the_ct(matrix):
+    with pytest.raises(ValueError, match="does not overlap the selected CT"):
+        check_segmentation_grid(matrix, CT_EXTENT, CT, CT_EXTENT)
 
 
 def test_format_report_lists_everything():

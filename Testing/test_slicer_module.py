@@ -291,7 +291,7 @@ def _other_classes_model(tmp_path):
 @pytest.mark.parametrize(("case", "error", "match"), [
     ("no segmentation", ValueError, "Select a segmentation"),
     ("no CT", ValueError, "Select the CT volume"),
-    ("CT on another grid", ValueError, "different voxel grid"),
+    ("CT beside the segmentation", ValueError, "does not overlap the selected CT"),
     ("CT under another transform", ValueError, "different transforms"),
     ("no matching segment", ValueError, "None of the segments \\(Tumor\\) matches.*Liver"),
     ("model for other classes", ValueError, "made for 2 classes"),
@@ -305,7 +305,7 @@ def test_bad_input_changes_nothing(M, slicer, model_file, tmp_path, monkeypatch,
     args = {"segmentationNode": seg, "volumeNode": None if case == "no CT" else ct, "modelPath": str(model_file)}
     if case == "no segmentation":
         args["segmentationNode"] = None
-    elif case == "CT on another grid":
+    elif case == "CT beside the segmentation":
         args["volumeNode"] = slicer.util.addVolumeFromArray(np.zeros((8, 36, 40), np.int16), ijkToRAS=np.eye(4))
     elif case == "CT under another transform":
         ct.SetAndObserveTransformNodeID("vtkMRMLLinearTransformNode9")
@@ -557,3 +557,25 @@ def test_a_closed_surface_input_is_exported_from_a_copy(M, slicer, model_file):
     again = M.RefNetSegmentRefineLogic().refine(seg2, ct2, modelPath=str(model_file), device="cpu")
     assert {k: v.tolist() for k, v in _arrays(slicer, result.outputNode, ct).items()} == \
         {k: v.tolist() for k, v in _arrays(slicer, again.outputNode, ct2).items()}
+
+
+def test_a_segmentation_on_another_grid_is_resampled_onto_the_ct(M, slicer, model_file):
+    ct, seg, _ = _scene(slicer)
+    before = _arrays(slicer, seg, ct)
+    # A CT of the same region on a 2x finer in-plane grid (half the spacing, twice the voxels).
+    fine = AFFINE.copy()
+    fine[:3, :2] /= 2
+    fine[:3, 3] -= AFFINE[:3, :3] @ np.array([0.25, 0.25, 0.0])
+    fine_ct = slicer.util.addVolumeFromArray(np.zeros((SHAPE_IJK[2], SHAPE_IJK[1] * 2, SHAPE_IJK[0] * 2), np.int16),
+                                             ijkToRAS=fine, name="fine CT")
+    shown = []
+    logic = M.RefNetSegmentRefineLogic()
+    logic.logCallback = shown.append
+    result = logic.refine(seg, fine_ct, modelPath=str(model_file), device="cpu")
+    assert any("resampled onto the CT grid" in line for line in shown)
+    assert result.changes.shape == (SHAPE_IJK[0] * 2, SHAPE_IJK[1] * 2, SHAPE_IJK[2])
+    sid = seg.GetSegmentation().GetNthSegmentID(0)
+    out = slicer.util.arrayFromSegmentBinaryLabelmap(result.outputNode, sid, fine_ct)
+    assert out.shape == (SHAPE_IJK[2], SHAPE_IJK[1] * 2, SHAPE_IJK[0] * 2) and out.any()
+    after = _arrays(slicer, seg, ct)  # the input, on its own grid, is unchanged
+    assert all(np.array_equal(before[k], after[k]) for k in before)

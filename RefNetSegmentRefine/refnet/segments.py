@@ -259,37 +259,44 @@ def check_segmentation_grid(
     ct_extent: Sequence[int],
     *,
     tolerance: float = 1e-2,
-) -> None:
-    """Check that a segmentation's voxel grid lies on the CT's grid, inside it.
+) -> bool:
+    """Whether a segmentation's voxel grid lies on the CT's grid, inside it; refuse one that misses the CT.
 
-    Exporting the segments onto the CT grid is then exact (no resampling, no voxel lost). The grids
-    must have the same axes and spacing and voxel centres that coincide (the segmentation may be a
-    crop of the CT grid).
+    On the CT grid (same axes and spacing, coinciding voxel centres; a crop is fine) the export onto the
+    CT grid is exact. Any other grid that overlaps the CT (a model writing on a resampled grid, an
+    oversampled Segment Editor geometry) is resampled onto the CT grid by Slicer's export (nearest voxel;
+    parts outside the CT are lost), and the caller should say so.
 
     Args:
         seg_ijk_to_ras, ct_ijk_to_ras: (4, 4) IJK-to-RAS matrices.
         seg_extent, ct_extent: (i0, i1, j0, j1, k0, k1) inclusive voxel extents.
         tolerance: allowed mismatch, in voxels.
 
+    Returns:
+        True: on the CT grid, no resampling. False: another grid, resampled.
+
     Raises:
-        ValueError: the grids differ or the segmentation reaches outside the CT; the message says
-            both geometries and what to do.
+        ValueError: the segmentation's box does not overlap the CT at all; the message gives both geometries.
     """
     seg_in_ct = np.linalg.solve(np.asarray(ct_ijk_to_ras, float), np.asarray(seg_ijk_to_ras, float))
     offset = seg_in_ct[:3, 3]
-    aligned = (np.allclose(seg_in_ct[:3, :3], np.eye(3), atol=tolerance)
-               and np.allclose(offset, np.round(offset), atol=tolerance))
-    if aligned:
+    if np.allclose(seg_in_ct[:3, :3], np.eye(3), atol=tolerance) and np.allclose(offset, np.round(offset),
+                                                                                 atol=tolerance):
         shift = np.round(offset).astype(int)
-        lo = [seg_extent[2 * a] + shift[a] for a in range(3)]
-        hi = [seg_extent[2 * a + 1] + shift[a] for a in range(3)]
-        if all(lo[a] >= ct_extent[2 * a] and hi[a] <= ct_extent[2 * a + 1] for a in range(3)):
-            return
+        if all(seg_extent[2 * a] + shift[a] >= ct_extent[2 * a] and seg_extent[2 * a + 1] + shift[a]
+               <= ct_extent[2 * a + 1] for a in range(3)):
+            return True
+    # The segmentation's box (voxel edges) in CT voxel coordinates, against the CT's box.
+    corners = np.array([[seg_extent[2 * a + c] + (0.5 if c else -0.5) for a, c in enumerate(bits)]
+                        for bits in np.ndindex(2, 2, 2)])
+    in_ct = (seg_in_ct @ np.c_[corners, np.ones(8)].T)[:3].T
+    lo, hi = in_ct.min(axis=0), in_ct.max(axis=0)
+    if all(lo[a] < ct_extent[2 * a + 1] + 0.5 and hi[a] > ct_extent[2 * a] - 0.5 for a in range(3)):
+        return False
     raise ValueError(
-        "The segmentation was made on a different voxel grid than the selected CT "
+        "The segmentation does not overlap the selected CT at all "
         f"(segmentation: {_describe(np.asarray(seg_ijk_to_ras), seg_extent)}; "
-        f"CT: {_describe(np.asarray(ct_ijk_to_ras), ct_extent)}). Select the CT the segmentation was "
-        "made on, or resample the segmentation onto this CT first (Segment Editor: Specify geometry)."
+        f"CT: {_describe(np.asarray(ct_ijk_to_ras), ct_extent)}). Select the CT the segmentation was made on."
     )
 
 

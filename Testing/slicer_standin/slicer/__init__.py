@@ -13,8 +13,8 @@ path. Each class mimics the *contract* read in Slicer's source (method names, ar
 - ``slicer.util`` array helpers, dialogs that only log (as Slicer does without a main window);
 - an application without a main window: ``slicer.app.layoutManager()`` is None, as in batch mode.
 
-What it does NOT verify (only real Slicer can): resampling between different voxel grids or
-through parent transforms (the stand-in raises NotImplementedError instead of resampling); shared
+What it does NOT verify (only real Slicer can): resampling through parent transforms (the stand-in
+raises NotImplementedError); interpolation beyond nearest-voxel resampling between grids; shared
 labelmap layers, label values and representation conversion (closed surface etc.); VTK memory
 semantics (views into VTK arrays, reference counting); rendering, display nodes beyond storing
 their settings, slice views beyond orientation, fit and linking; Qt widgets, the .ui loader, signals
@@ -172,7 +172,8 @@ class vtkSegment:
         self._name = name
         self._color = tuple(color)
         self._tags: dict[str, str] = {}
-        self.mask: np.ndarray | None = None  # (K, J, I) uint8 on the segmentation's reference grid
+        self.mask: np.ndarray | None = None  # (K, J, I) uint8 on the grid ``grid``
+        self.grid: str | None = None  # serialized geometry of ``mask`` (each segment keeps its own, as in Slicer)
 
     @staticmethod
     def GetTerminologyEntryTagName() -> str:
@@ -203,6 +204,7 @@ class vtkSegment:
         other = vtkSegment(self._name, self._color)
         other._tags = dict(self._tags)
         other.mask = None if self.mask is None else self.mask.copy()
+        other.grid = self.grid
         return other
 
 
@@ -408,20 +410,43 @@ mrmlScene = vtkMRMLScene()
 # ------------------------------------------------------------------------------------------------ logics
 
 
-def _same_grid(segmentation: vtkMRMLSegmentationNode, volume: vtkMRMLScalarVolumeNode) -> None:
-    grid = segmentation._grid()
-    if grid and grid != volume._geometry():
-        raise NotImplementedError("stand-in: resampling a segmentation to another grid is Slicer-only.")
-    if not grid:
-        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume)
+def _parse_geometry(text: str) -> tuple[np.ndarray, tuple[int, int, int]]:
+    values = [float(v) for v in text.split(";") if v]
+    return np.array(values[:16]).reshape(4, 4), tuple(int(values[17 + 2 * a]) + 1 for a in range(3))
+
+
+def _resample(mask: np.ndarray, grid: str, reference: str) -> np.ndarray:
+    """Nearest-voxel resampling of a (K, J, I) mask from ``grid`` onto ``reference``, as Slicer's export does
+    (vtkOrientedImageDataResample::ResampleOrientedImageToReferenceOrientedImage, nearest neighbour for
+    labelmaps); voxels of the reference outside the mask's grid are 0."""
+    if grid == reference:
+        return mask.copy()
+    src, src_dims = _parse_geometry(grid)
+    ref, ref_dims = _parse_geometry(reference)
+    ijk = np.stack(np.meshgrid(*[np.arange(d) for d in ref_dims], indexing="ij"), axis=-1).reshape(-1, 3)
+    src_ijk = (np.linalg.solve(src, ref) @ np.c_[ijk, np.ones(len(ijk))].T)[:3].T
+    idx = np.rint(src_ijk).astype(int)
+    inside = np.all((idx >= 0) & (idx < np.array(src_dims)), axis=1)
+    out = np.zeros(ref_dims, dtype=mask.dtype)  # (I, J, K)
+    flat = out.reshape(-1)
+    flat[inside] = mask.transpose(2, 1, 0)[tuple(idx[inside].T)]
+    return out.transpose(2, 1, 0)
+
+
+def _same_transform(segmentation: vtkMRMLSegmentationNode, volume: vtkMRMLScalarVolumeNode) -> None:
     if segmentation.GetTransformNodeID() != volume.GetTransformNodeID():
         raise NotImplementedError("stand-in: parent transforms are Slicer-only.")
 
 
 class _SegmentationsLogic:
     def ImportLabelmapToSegmentationNode(self, labelmap, segmentation, updatedSegmentIDs) -> bool:
-        """Label value N of ``labelmap`` becomes the N-th segment ID (created if missing)."""
-        _same_grid(segmentation, labelmap)
+        """Label value N of ``labelmap`` becomes the N-th segment ID (created if missing), on the labelmap's grid.
+
+        A segmentation without reference geometry takes the labelmap's (vtkSlicerSegmentationsModuleLogic::
+        ImportLabelmapToSegmentationNode sets it when it is empty)."""
+        _same_transform(segmentation, labelmap)
+        if not segmentation._grid():
+            segmentation.SetReferenceImageGeometryParameterFromVolumeNode(labelmap)
         seg = segmentation.GetSegmentation()
         array = np.asarray(labelmap._array)
         for index in range(updatedSegmentIDs.GetNumberOfValues()):
@@ -429,6 +454,7 @@ class _SegmentationsLogic:
             if seg.GetSegment(sid) is None:
                 seg.AddEmptySegment(sid, sid)
             seg.GetSegment(sid).mask = (array == index + 1).astype(np.uint8)
+            seg.GetSegment(sid).grid = labelmap._geometry()
         return True
 
 

@@ -1,8 +1,8 @@
 """Stand-in for the ``slicer.util`` functions RefNetSegmentRefine uses (contracts from Slicer's util.py).
 
 Arrays are (K, J, I) like Slicer's. ``arrayFromVolume`` returns a view (as Slicer's does);
-``arrayFromSegmentBinaryLabelmap`` and ``update*FromArray`` copy. Segment arrays must already be on
-the reference volume's grid: the stand-in refuses to resample (see ``slicer/__init__.py``).
+``arrayFromSegmentBinaryLabelmap`` and ``update*FromArray`` copy. Each segment keeps the grid it was
+imported on; export resamples it onto the reference volume's grid by nearest voxel, as Slicer does.
 Dialogs only log and confirmations answer True, which is what Slicer does when testing.
 """
 
@@ -51,7 +51,7 @@ def _reference(segmentationNode, referenceVolumeNode):
         if referenceVolumeNode is None:
             raise RuntimeError("No reference volume is found in the input segmentationNode, "
                                "therefore a valid referenceVolumeNode input is required.")
-    slicer._same_grid(segmentationNode, referenceVolumeNode)
+    slicer._same_transform(segmentationNode, referenceVolumeNode)
     return referenceVolumeNode
 
 
@@ -66,7 +66,7 @@ def arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, referenceVolumeN
         raise RuntimeError("Export of segment failed.")
     if segment.mask is None:
         return np.zeros(reference._array.shape, dtype=np.int16)
-    return segment.mask.astype(np.int16)
+    return slicer._resample(segment.mask, segment.grid, reference._geometry()).astype(np.int16)
 
 
 def updateSegmentBinaryLabelmapFromArray(narray, segmentationNode, segmentId, referenceVolumeNode=None) -> None:
