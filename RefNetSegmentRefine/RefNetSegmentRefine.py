@@ -170,10 +170,12 @@ class RefNetSegmentRefineParameterNode:
     device - where the net runs.
     safetyGuards - run every guard (refnet.guards); unticked: the net's raw refinement.
     showChanges - highlight the voxels RefNet changed.
+    outputSegmentation - an earlier output to replace; None creates a new node.
     """
 
     inputSegmentation: vtkMRMLSegmentationNode
     inputVolume: vtkMRMLScalarVolumeNode
+    outputSegmentation: vtkMRMLSegmentationNode
     useDefaultModel: bool = True
     modelPath: pathlib.Path
     device: Device = Device.AUTO
@@ -305,6 +307,7 @@ class RefNetSegmentRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self._setRunning(True)
             try:
                 self._result = self.logic.refine(p.inputSegmentation, p.inputVolume, modelPath=self._modelPath(),
+                                                 outputNode=p.outputSegmentation,
                                                  device=p.device.value,
                                                  guards=None if p.safetyGuards else GuardConfig.off(),
                                                  progressCallback=self._onProgress)
@@ -313,6 +316,9 @@ class RefNetSegmentRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 return
             finally:
                 self._setRunning(False)
+            if previous is not None and previous.outputNode is self._result.outputNode:
+                previous = None  # replaced in place: nothing else to hide
+            p.outputSegmentation = self._result.outputNode  # a re-run replaces it unless "Create new" is chosen
             self._showResult(previous)
 
     def onCancelButton(self) -> None:
@@ -674,12 +680,14 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
             finally:
                 slicer.mrmlScene.RemoveNode(labelmapNode)
 
-    def createRefinedNode(self, segmentationNode, volumeNode, segmentIds, masks, name: str | None = None):
+    def createRefinedNode(self, segmentationNode, volumeNode, segmentIds, masks, name: str | None = None,
+                          unique: bool = True):
         """A new segmentation: a copy of the input (names, colours, terminology, IDs, order) whose listed
         segments are replaced by ``masks``; removed again if anything fails."""
+        name = name or f"{segmentationNode.GetName()} refined"
         # The scene does not rename a named node: without a unique name a re-run gives two equal names.
-        uniqueName = slicer.mrmlScene.GenerateUniqueName(name or f"{segmentationNode.GetName()} refined")
-        outputNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", uniqueName)
+        outputNode = slicer.mrmlScene.AddNewNodeByClass(
+            "vtkMRMLSegmentationNode", slicer.mrmlScene.GenerateUniqueName(name) if unique else name)
         try:
             outputNode.CreateDefaultDisplayNodes()
             outputNode.SetAndObserveTransformNodeID(segmentationNode.GetTransformNodeID())
@@ -746,7 +754,7 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
                                            progressCallback=progressCallback).labels
 
     def refine(self, segmentationNode, volumeNode=None, *, modelPath: str | None = None, device: str = "auto",
-               guards: GuardConfig | None = None, progressCallback=None) -> RefineResult:
+               guards: GuardConfig | None = None, progressCallback=None, outputNode=None) -> RefineResult:
         """Refine a segmentation into a new node "<name> refined"; the input node is never modified.
 
         Args:
@@ -757,6 +765,8 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
             guards: :class:`refnet.guards.GuardConfig`; None runs every guard with the model file's values,
                 ``GuardConfig.off()`` none. The status text lists what each guard held back.
             progressCallback: ``progressCallback(done, total)`` per slice batch; return False to cancel.
+            outputNode: an earlier output segmentation to replace (its contents are swapped only after the
+                refinement succeeded); None creates a new node.
 
         Raises:
             ValueError: bad inputs (see :meth:`checkInputs`), no segment matching a RefNet class, a model
@@ -768,6 +778,9 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
 
         self._requireDependencies()
         guards = guards or GuardConfig()
+        if outputNode is not None and outputNode is segmentationNode:
+            raise ValueError("The output cannot be the input segmentation (it is never modified); choose "
+                             "'Create new segmentation' or an earlier RefNet output.")
         volumeNode = self.checkInputs(segmentationNode, volumeNode)
         model = self.loadModel(modelPath, device)
         segments = self.segmentList(segmentationNode)
@@ -787,7 +800,10 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
         core = self.refineArraysWithReport(raw, affine, ct, model=model, guards=guards,
                                            progressCallback=progressCallback)
         refined = core.labels
-        outputNode = self._buildOutput(segmentationNode, volumeNode, ids, masks, matched, refined, affine)
+        replacing = outputNode is not None and slicer.mrmlScene.IsNodePresent(outputNode)
+        built = self._buildOutput(segmentationNode, volumeNode, ids, masks, matched, refined, affine,
+                                  temporary=replacing)
+        outputNode = self._replaceInto(outputNode, built) if replacing else built
         changes, seconds = class_changes(raw, refined), time.perf_counter() - start
         report = format_report(changes, seconds=seconds, device=str(model.device), unmatched=unmatched,
                                unassigned=self._unassigned(refined, matched), report=core.report, guards=guards)
@@ -795,14 +811,26 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
         return RefineResult(outputNode, volumeNode, raw != refined, changes, unmatched, seconds,
                             str(model.device), report, core.report, guards)
 
-    def _buildOutput(self, segmentationNode, volumeNode, ids, masks, matched, refined, affine):
+    def _buildOutput(self, segmentationNode, volumeNode, ids, masks, matched, refined, affine, temporary=False):
         from refnet.segments import split_class_map
 
         if not (slicer.mrmlScene.IsNodePresent(segmentationNode) and slicer.mrmlScene.IsNodePresent(volumeNode)):
             raise RuntimeError("The segmentation or the CT was removed during refinement; nothing was created.")
         spacing = np.linalg.norm(affine[:3, :3], axis=0)
         outMasks = split_class_map(refined, masks, matched, spacing=spacing)
-        return self.createRefinedNode(segmentationNode, volumeNode, ids, outMasks)
+        # A node that only carries the segments into an earlier output takes no name from the unique-name counter.
+        return self.createRefinedNode(segmentationNode, volumeNode, ids, outMasks,
+                                      name="RefNet temporary output" if temporary else None, unique=not temporary)
+
+    @staticmethod
+    def _replaceInto(target, built):
+        """``target`` holding ``built``'s segments (its node ID and name kept); ``built`` is removed."""
+        target.GetSegmentation().DeepCopy(built.GetSegmentation())
+        target.SetAndObserveTransformNodeID(built.GetTransformNodeID())
+        if target.GetDisplayNode() is None:
+            target.CreateDefaultDisplayNodes()
+        slicer.mrmlScene.RemoveNode(built)
+        return target
 
     @staticmethod
     def _ctArray(volumeNode) -> np.ndarray:

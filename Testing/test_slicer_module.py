@@ -510,16 +510,23 @@ def _visible_in(node, view_id):
 def test_a_second_refine_leaves_one_visible_output_and_end_review_restores_the_input(M, slicer, model_file,
                                                                                    main_window):
     ct, seg, _ = _scene(slicer, segments=SEGMENTS[:1])
-    p = types.SimpleNamespace(inputSegmentation=seg, inputVolume=ct, useDefaultModel=False,
+    p = types.SimpleNamespace(inputSegmentation=seg, inputVolume=ct, useDefaultModel=False, outputSegmentation=None,
                               modelPath=str(model_file), device=types.SimpleNamespace(value="cpu"), safetyGuards=True)
     widget = _widget(M, slicer, p)
     before = main_window.layout
     widget.onRefineButton()
     first = widget._result.outputNode
+    assert p.outputSegmentation is first  # the output selector now points at it: a re-run replaces it
+    expected = _arrays(slicer, first, ct)
+    widget.onRefineButton()
+    assert widget._result.outputNode is first and first.GetName() == "Model output refined"
+    assert {k: v.tolist() for k, v in _arrays(slicer, first, ct).items()} == \
+        {k: v.tolist() for k, v in expected.items()}
+    assert len(slicer.mrmlScene.nodes("vtkMRMLSegmentationNode")) == 2  # input + one output
+    p.outputSegmentation = None  # "Create new segmentation": both are kept, the earlier one hidden
     widget.onRefineButton()
     second = widget._result.outputNode
-    assert first is not second and (first.GetName(), second.GetName()) == ("Model output refined",
-                                                                         "Model output refined_1")
+    assert first is not second and second.GetName() == "Model output refined_1"
     outputs = [n for n in slicer.mrmlScene.nodes("vtkMRMLSegmentationNode") if n is not seg]
     assert [n for n in outputs if n.GetDisplayNode().GetVisibility()] == [second]
     assert _visible_in(second, "vtkMRMLSliceNodeYellow") and not _visible_in(seg, "vtkMRMLSliceNodeYellow")
@@ -579,3 +586,9 @@ def test_a_segmentation_on_another_grid_is_resampled_onto_the_ct(M, slicer, mode
     assert out.shape == (SHAPE_IJK[2], SHAPE_IJK[1] * 2, SHAPE_IJK[0] * 2) and out.any()
     after = _arrays(slicer, seg, ct)  # the input, on its own grid, is unchanged
     assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_the_input_cannot_be_the_output(M, slicer, model_file):
+    ct, seg, _ = _scene(slicer, segments=SEGMENTS[:1])
+    with pytest.raises(ValueError, match="output cannot be the input"):
+        M.RefNetSegmentRefineLogic().refine(seg, ct, modelPath=str(model_file), device="cpu", outputNode=seg)
