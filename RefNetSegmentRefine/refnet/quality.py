@@ -11,6 +11,8 @@ test cases these methods are scored against the ground truth:
 - ``refnet_label``: the paper's label-only RefNet (the demo's frozen preset) on raw;
 - ``refnet_ct``: the same with the CT as an input channel (the paper's future work);
 - ``refnet_paper``: the label-only RefNet with the paper's loss weight w = 1 on CE(P, S);
+- ``refnet_label_cleanup``: ``refnet_label``'s output with ``cleanup``'s steps applied after it (are the two
+  complementary? added after the first seed showed cleanup ahead of RefNet);
 - ``unseen_raw`` / ``unseen_refnet_label``: a base model of an architecture RefNet never trained on,
   before and after ``refnet_label``.
 
@@ -39,7 +41,7 @@ __all__ = ["METHODS", "QualityConfig", "quality_table", "run_quality", "save_gai
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("raw", "cleanup", "average", "refnet_label", "refnet_ct", "refnet_paper",
+METHODS = ("raw", "cleanup", "average", "refnet_label", "refnet_ct", "refnet_paper", "refnet_label_cleanup",
            "unseen_raw", "unseen_refnet_label")
 BASELINE = {m: "unseen_raw" if m.startswith("unseen_") else "raw" for m in METHODS}  # what a method is compared with
 REFNETS = ("refnet_label", "refnet_ct", "refnet_paper")
@@ -80,6 +82,8 @@ class QualityConfig:
             raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}.")
         if "unseen_refnet_label" in self.methods and "unseen_raw" not in self.methods:
             raise ValueError("unseen_refnet_label needs unseen_raw (its baseline) in methods.")
+        if "refnet_label_cleanup" in self.methods and "cleanup" not in self.methods:
+            raise ValueError("refnet_label_cleanup needs cleanup (its post-processing plan) in methods.")
 
     def train_config(self, method: str) -> Any:
         """The RefNet training preset of a RefNet method."""
@@ -147,7 +151,8 @@ def run_quality(
         unseen, = train_segmenters(data, out, [unseen_config], holdout=holdout, device=demo.device,
                                    progress=progress)
     timings["segmenters_s"] = time.perf_counter() - t0
-    wanted = [m for m in REFNETS if m in config.methods or (m == "refnet_label" and unseen is not None)]
+    wanted = [m for m in REFNETS if m in config.methods or (m == "refnet_label" and (
+        unseen is not None or "refnet_label_cleanup" in config.methods))]
     needs_ct = "refnet_ct" in wanted
     pairs = load_training_pairs(data, folders, with_ct=needs_ct)
     models = {}
@@ -208,8 +213,11 @@ def _score_test_cases(data, cases, config, folders, unseen, models, plan, out) -
             canon_ct, reo = to_canonical(ct.array.astype(np.float32), ct.affine)
             maps["average"] = reo.backward(predict_ensemble(ensemble, canon_ct, device=config.demo.device))
         for method, model in models.items():
-            if method in config.methods:
+            if method in config.methods or method == "refnet_label":
                 maps[method] = refine_labels(raw, ct.affine, model, ct=ct.array if model.uses_ct else None)
+        if "refnet_label_cleanup" in config.methods:
+            canon, reo = to_canonical(maps["refnet_label"], ct.affine)
+            maps["refnet_label_cleanup"] = reo.backward(apply_cleanup(canon, plan))
         if unseen:
             maps["unseen_raw"] = unseen_preds[case.case_id]
             if "unseen_refnet_label" in config.methods:
