@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "RefNetSegmentRefine" / "Scripts" / "RefNetBatchRefine.py"
 STANDIN = Path(__file__).resolve().parent / "slicer_standin"
 AFFINE = np.diag([0.8, 0.8, 2.5, 1.0])
-_STANDIN_NAMES = ("slicer", "vtk", "qt", "ctk", "RefNetSegmentRefine", "PyTorchUtils")
+_STANDIN_NAMES = ("slicer", "vtk", "qt", "ctk", "RefNetSegmentRefine", "RefNetSegmentRefineLib",
+                  "PyTorchUtils")
 
 
 def _labels(seed=0, shape=(36, 32, 8)):

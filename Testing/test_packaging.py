@@ -23,6 +23,7 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parents[1]
 MODULE_DIR = ROOT / "RefNetSegmentRefine"
 MODULE_PY = MODULE_DIR / "RefNetSegmentRefine.py"
+LOGIC_PY = MODULE_DIR / "RefNetSegmentRefineLib" / "logic.py"  # the parameter node and the Logic
 UI_FILE = MODULE_DIR / "Resources" / "UI" / "RefNetSegmentRefine.ui"
 DEFAULT_MODEL = "refnet/weights/refnet_phantom.pt"  # produced by `refnet demo`; listed before it exists
 
@@ -49,7 +50,7 @@ def _prop(widget, name):
 
 
 def _parameter_fields():
-    tree = ast.parse(MODULE_PY.read_text())
+    tree = ast.parse(LOGIC_PY.read_text())
     (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "RefNetSegmentRefineParameterNode"]
     return {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
 
@@ -170,8 +171,12 @@ def test_module_cmake_builds_a_scripted_module_with_its_test():
 def test_module_classes_follow_slicer_names():
     tree = ast.parse(MODULE_PY.read_text())
     classes = {n.name for n in tree.body if isinstance(n, ast.ClassDef)}
-    assert {"RefNetSegmentRefine", "RefNetSegmentRefineWidget", "RefNetSegmentRefineLogic",
-            "RefNetSegmentRefineTest"} <= classes
+    assert {"RefNetSegmentRefine", "RefNetSegmentRefineWidget", "RefNetSegmentRefineTest"} <= classes
+    # The Logic lives in RefNetSegmentRefineLib (MONAIAuto3DSeg's layout) and is imported into the module.
+    imported = {a.asname or a.name for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert "RefNetSegmentRefineLogic" in imported
+    assert "RefNetSegmentRefineLogic" in {n.name for n in ast.parse(LOGIC_PY.read_text()).body
+                                          if isinstance(n, ast.ClassDef)}
 
 
 # ------------------------------------------------------------------------------------------ extension

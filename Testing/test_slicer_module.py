@@ -25,7 +25,8 @@ from .conftest import TINY_FEATURES, make_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 STANDIN = Path(__file__).resolve().parent / "slicer_standin"
-_STANDIN_NAMES = ("slicer", "vtk", "qt", "ctk", "RefNetSegmentRefine", "PyTorchUtils")
+_STANDIN_NAMES = ("slicer", "vtk", "qt", "ctk", "RefNetSegmentRefine", "RefNetSegmentRefineLib",
+                  "PyTorchUtils")
 SHAPE_IJK = (40, 36, 8)
 # Left-right and anterior-posterior flipped, as Slicer's IJK-to-RAS of a DICOM CT usually is.
 AFFINE = np.array([[-0.8, 0, 0, 15.0], [0, -0.8, 0, 20.0], [0, 0, 2.5, -40.0], [0, 0, 0, 1]])
@@ -375,8 +376,8 @@ def test_segmentation_cropped_on_the_ct_grid_is_accepted(M, slicer, model_file):
 
 
 def test_torch_missing_is_reported_and_installed_the_slicer_way(M, slicer, monkeypatch, tmp_path):
-    real_find_spec = M.importlib.util.find_spec
-    monkeypatch.setattr(M.importlib.util, "find_spec", lambda n: None if n == "torch" else real_find_spec(n))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n: None if n == "torch" else real_find_spec(n))
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("# comment\nnumpy>=1.0\nrefnet-not-installed-pkg>=1.0  # trailing\n")
     logic = M.RefNetSegmentRefineLogic()
