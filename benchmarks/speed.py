@@ -1,0 +1,154 @@
+"""What refinement costs next to the segmentation it refines: seconds, slices/s and peak memory per volume size.
+
+For each volume size a phantom label map + CT at clinical spacing (0.8 mm pixels, 2.5 mm slices; the
+larger sizes tile one phantom along the slices, which leaves the per-slice work realistic) is refined
+with the shipped model (every guard on), and a MONAI SwinUNETR with the BTCV settings (feature size 48,
+96^3 sliding window, overlap 0.5, 4 windows per batch; untrained weights: only the time matters) runs on
+the same CT, in the same run, so the cost is a ratio. Each measurement runs in a fresh subprocess so its
+peak RSS is its own (``torch.cuda.max_memory_allocated`` on a GPU).
+
+    python benchmarks/speed.py [--quick] [--device cpu|cuda] [--shapes 256x256x100 ...] [--no-base-model]
+        [--out DIR]   # writes DIR/speed.json (default benchmarks/)
+
+Rows of speed.json: ``shape``, ``device``, ``refine_s``, ``slices_per_s``, ``base_model_s``, ``peak_mem_mb``
+(the refinement's), ``base_peak_mem_mb``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHAPES = ((256, 256, 100), (512, 512, 200), (512, 512, 400))
+
+
+def _volume(shape: tuple[int, int, int], cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, CT, affine) of ``shape``: a phantom of a 41 cm field of view with ``shape``'s in-plane size
+    (0.8 mm pixels at 512) and up to 100 slices of 2.5 mm, tiled along the slices beyond that. Generated
+    once per in-plane size into ``cache`` (an .npz), so every measurement reads the same arrays."""
+    file = cache / f"phantom_{shape[0]}x{shape[1]}.npz"
+    if not file.exists():
+        from refnet.data.phantoms import PhantomConfig, make_phantom
+
+        fov = (409.6, 409.6 * shape[1] / shape[0], 2.5 * min(shape[2], 100))
+        config = PhantomConfig(inplane_spacing_mm=(fov[0] / shape[0],) * 2, slice_spacing_mm=(2.5, 2.5), fov_mm=fov)
+        ph = make_phantom(0, config)
+        np.savez(file, labels=ph.labels, ct=ph.ct, affine=ph.affine)
+    data = np.load(file)
+    reps = -(-shape[2] // data["labels"].shape[2])
+    crop = tuple(slice(0, n) for n in shape)
+    labels = np.tile(data["labels"], (1, 1, reps))[crop]
+    ct = np.tile(data["ct"], (1, 1, reps))[crop]
+    return np.ascontiguousarray(labels), np.ascontiguousarray(ct), data["affine"]
+
+
+def _peak_mb(device: str) -> float:
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+
+
+def measure_refine(shape: tuple[int, int, int], device: str, cache: Path) -> dict:
+    """Refine one volume with the shipped model (child process body)."""
+    from refnet.checkpoint import load_model
+    from refnet.refine import refine_labels
+
+    labels, _, affine = _volume(shape, cache)
+    model = load_model(device=device)
+    t0 = time.perf_counter()
+    refine_labels(labels, affine, model)
+    seconds = time.perf_counter() - t0
+    return {"refine_s": round(seconds, 2), "slices_per_s": round(shape[2] / seconds, 2),
+            "peak_mem_mb": round(_peak_mb(str(model.device)), 1), "device": str(model.device)}
+
+
+def measure_base_model(shape: tuple[int, int, int], device: str, cache: Path) -> dict:
+    """SwinUNETR (BTCV settings) sliding-window inference on the same CT (child process body)."""
+    import torch
+    from monai.inferers import sliding_window_inference
+    from monai.networks.nets import SwinUNETR
+    from refnet.device import resolve_device
+
+    _, ct, _ = _volume(shape, cache)
+    dev = resolve_device(device)
+    torch.manual_seed(0)
+    net = SwinUNETR(in_channels=1, out_channels=14, feature_size=48).to(dev).eval()
+    x = torch.from_numpy(np.clip((ct + 175.0) / 425.0, 0, 1).astype(np.float32))[None, None].to(dev)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        logits = sliding_window_inference(x, (96, 96, 96), 4, net, overlap=0.5, mode="gaussian")
+        logits.argmax(dim=1)
+    return {"base_model_s": round(time.perf_counter() - t0, 2), "base_peak_mem_mb": round(_peak_mb(str(dev)), 1)}
+
+
+def _child(kind: str, shape: tuple[int, int, int], device: str, cache: Path) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, "--shapes", "x".join(map(str, shape)),
+                          "--device", device, "--cache", str(cache)], capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{kind} on {shape} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _shape(text: str) -> tuple[int, int, int]:
+    parts = tuple(int(v) for v in text.lower().split("x"))
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"a shape is IxJxK, e.g. 256x256x100; got {text!r}")
+    return parts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="only the smallest volume")
+    parser.add_argument("--shapes", type=_shape, nargs="+", help="volume sizes (default 256x256x100 512x512x200 "
+                        "512x512x400)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-base-model", action="store_true", help="skip the SwinUNETR timing")
+    parser.add_argument("--out", default=str(Path(__file__).parent), help="folder for speed.json")
+    parser.add_argument("--child", choices=("refine", "base"), help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    shapes = args.shapes or (SHAPES[:1] if args.quick else SHAPES)
+    if args.child:
+        run = measure_refine if args.child == "refine" else measure_base_model
+        print(json.dumps(run(shapes[0], args.device, Path(args.cache))))
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="refnet_speed_") as cache:
+        for shape in shapes:
+            _volume(shape, Path(cache))  # generate outside the timed children
+            row = {"shape": list(shape), **_child("refine", shape, args.device, Path(cache))}
+            if not args.no_base_model:
+                row.update(_child("base", shape, args.device, Path(cache)))
+                row["refine_vs_base"] = round(row["refine_s"] / row["base_model_s"], 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    import torch
+
+    meta = {"torch_threads": torch.get_num_threads(), "cpu_count": __import__("os").cpu_count(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    out = Path(args.out) / "speed.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": meta, "rows": rows}, indent=2) + "\n")
+    print(f"\n{'shape':<14}{'device':<8}{'refine s':>10}{'slices/s':>10}{'peak MB':>10}{'SwinUNETR s':>13}"
+          f"{'refine/base':>13}")
+    for r in rows:
+        base = r.get("base_model_s")
+        print(f"{'x'.join(map(str, r['shape'])):<14}{r['device']:<8}{r['refine_s']:>10.2f}{r['slices_per_s']:>10.2f}"
+              f"{r['peak_mem_mb']:>10.0f}{base if base is not None else float('nan'):>13.2f}"
+              f"{r.get('refine_vs_base', float('nan')):>13.3f}")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
