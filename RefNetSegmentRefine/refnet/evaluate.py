@@ -27,6 +27,7 @@ __all__ = [
     "dice_per_class",
     "false_positive_ml",
     "format_table",
+    "save_figure",
     "save_montage",
     "summarise",
     "write_metrics",
@@ -247,9 +248,16 @@ def save_montage(
                 ax.imshow(rgba)
             ax.set_title(f"{title} (slice {k})", fontsize=8)
             ax.axis("off")
+    return save_figure(fig, path, dpi=80)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, *, dpi: int) -> Path:
+    """Lay out, write (creating the folder) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path

@@ -349,6 +349,8 @@ def save_gain_chart(path: str | os.PathLike, summary: dict[str, Any]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .evaluate import save_figure
+
     shown = [m for m in METHODS if m in summary["gains"] and summary["gains"][m]["against"] == "raw"]
     organs = list(CLASS_NAMES[1:])
     width = 0.8 / max(len(shown), 1)
@@ -361,9 +363,4 @@ def save_gain_chart(path: str | os.PathLike, summary: dict[str, Any]) -> Path:
     ax.set_ylabel("Dice change vs raw")
     ax.set_title(f"Per-organ Dice change against raw ({summary['cases']} test cases, seeds {summary['seeds']})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=90)
