@@ -6,15 +6,11 @@ layout, the model card summary and the dependency checks live in ``RefNetSegment
 (the SlicerMONAIAuto3DSeg layout) and are re-exported here, so ``from RefNetSegmentRefine import
 RefNetSegmentRefineLogic`` keeps working in scripts.
 
-Responsiveness and Cancel: the refinement runs in Slicer's own Python. The core calls a progress
-callback after every batch of slices; the Widget's callback moves the progress bar, calls
-``slicer.app.processEvents()`` and returns False once Cancel was clicked, which makes the core raise
-``RefinementCancelled``. The output node is only created after the refinement succeeded, so a
-cancelled or failed run leaves the scene exactly as it was. This was chosen over a background
-process (TotalSegmentator, MONAIAuto3DSeg) because RefNet is a small 2D net: in-process it needs no
-file round trip of the CT and no second torch start-up, and Cancel stops between two slice batches
-without killing processes. The price: the GUI is only redrawn between batches (well under a second
-each).
+Responsiveness and Cancel: Refine exports the segments (in the GUI, with a status line), then runs the
+network in a background process (``python -m refnet.worker``, started with Slicer's process helper as
+SlicerMONAIAuto3DSeg does) that a timer polls for progress; Cancel kills the process at any moment.
+The output node is only created after the process succeeded, so a cancelled or failed run leaves the
+scene exactly as it was. Scripts and the batch call the Logic's in-process ``refine()`` instead.
 
 ``refnet`` (and with it torch) is imported inside the methods that need it, so the module loads, and
 can offer to install PyTorch, on a Slicer where torch is missing.
@@ -25,6 +21,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import qt
 import slicer
 import vtk
 from RefNetSegmentRefineLib import (  # noqa: F401  (re-exported for scripts and the tests)
@@ -95,6 +92,8 @@ class RefNetSegmentRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._result = None
         self._changesNode = None
         self._previousLayout = None  # the layout before the review began (restored by End review)
+        self._job = None  # the running BackgroundRefinement
+        self._previousForJob = None  # the result shown before the running job started
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -117,6 +116,9 @@ class RefNetSegmentRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def cleanup(self) -> None:
         self._cancelRequested = True
+        if self._job is not None:  # the module is closing: stop the process, leave no job folder behind
+            self._job.cancel()
+            self._job = None
         self.removeObservers()
 
     def enter(self) -> None:
@@ -130,6 +132,10 @@ class RefNetSegmentRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def onSceneStartClose(self, caller, event) -> None:
         self._cancelRequested = True  # a running refinement stops before creating anything
+        if self._job is not None:
+            self._job.cancel()
+            self._job = None
+            self._setRunning(False)
         self._result = self._changesNode = self._previousLayout = None
         self.setParameterNode(None)
 
@@ -189,33 +195,60 @@ class RefNetSegmentRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         return path
 
     def onRefineButton(self) -> None:
+        """Export the segments, then run the network in a background process polled by a timer (GUI stays live)."""
         with slicer.util.tryWithErrorDisplay("RefNet refinement failed."):
             if not self._ensureDependencies():
                 return
             from refnet.guards import GuardConfig
-            from refnet.refine import RefinementCancelled
 
             p = self._parameterNode
-            previous = self._result
+            self._previousForJob = self._result
             self._setRunning(True)
+            self._showStatus("Exporting the segments...")
+            slicer.app.processEvents()
             try:
-                self._result = self.logic.refine(p.inputSegmentation, p.inputVolume, modelPath=self._modelPath(),
-                                                 outputNode=p.outputSegmentation,
-                                                 device=p.device.value,
-                                                 guards=None if p.safetyGuards else GuardConfig.off(),
-                                                 progressCallback=self._onProgress)
-            except RefinementCancelled:
-                self._showStatus("Cancelled: nothing was created or changed.")
-                return
+                self._job = self.logic.startBackgroundRefine(
+                    p.inputSegmentation, p.inputVolume, modelPath=self._modelPath(), device=p.device.value,
+                    guards=None if p.safetyGuards else GuardConfig.off(), outputNode=p.outputSegmentation)
+            except Exception:
+                self._setRunning(False)
+                raise
+            self._showStatus("Refining in a background process (Cancel stops it at once)...")
+            self._pollJob()
+
+    def _pollJob(self) -> None:
+        """Timer callback: progress while the process runs, the result (built here) when it has ended."""
+        job = self._job
+        if job is None:
+            return
+        finished = job.poll()
+        self.ui.progressBar.maximum = job.total
+        self.ui.progressBar.value = job.done
+        if not finished:
+            qt.QTimer.singleShot(200, self._pollJob)
+            return
+        self._job = None
+        with slicer.util.tryWithErrorDisplay("RefNet refinement failed."):
+            self._showStatus("Creating the refined segmentation...")
+            try:
+                result = job.result()
             finally:
                 self._setRunning(False)
-            if previous is not None and previous.outputNode is self._result.outputNode:
+            previous = self._previousForJob
+            if previous is not None and previous.outputNode is result.outputNode:
                 previous = None  # replaced in place: nothing else to hide
-            p.outputSegmentation = self._result.outputNode  # a re-run replaces it unless "Create new" is chosen
+            self._result = result
+            self._parameterNode.outputSegmentation = result.outputNode  # a re-run replaces it unless "Create new"
             self._showResult(previous)
 
     def onCancelButton(self) -> None:
         self._cancelRequested = True
+        if self._job is not None:
+            job, self._job = self._job, None
+            job.cancel()  # kills the process; the scene was not touched
+            self._setRunning(False)
+            self._showStatus("Cancelled: nothing was created or changed.")
+            return
         self._showStatus("Cancelling...")
 
     def onShowChangesToggled(self, checked: bool) -> None:
@@ -239,12 +272,6 @@ class RefNetSegmentRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         with slicer.util.WaitCursor():
             self.logic.installDependencies()
         return True
-
-    def _onProgress(self, done: int, total: int) -> bool:
-        self.ui.progressBar.maximum = total
-        self.ui.progressBar.value = done
-        slicer.app.processEvents()  # keeps the GUI alive and lets the Cancel click arrive
-        return not self._cancelRequested
 
     def _setRunning(self, running: bool) -> None:
         self._running = running

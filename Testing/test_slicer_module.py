@@ -503,6 +503,16 @@ def _widget(M, slicer, parameters):
     return widget
 
 
+def _refine_in_background(widget):
+    """Click Refine, then let the timer poll the background process until the result is in."""
+    import qt
+
+    widget.onRefineButton()
+    assert widget._job is not None or widget._result is not None
+    qt.run_timers()
+    assert widget._job is None
+
+
 def _visible_in(node, view_id):
     display = node.GetDisplayNode()
     return display.GetVisibility() and (not display.view_node_ids or view_id in display.view_node_ids)
@@ -515,17 +525,17 @@ def test_a_second_refine_leaves_one_visible_output_and_end_review_restores_the_i
                               modelPath=str(model_file), device=types.SimpleNamespace(value="cpu"), safetyGuards=True)
     widget = _widget(M, slicer, p)
     before = main_window.layout
-    widget.onRefineButton()
+    _refine_in_background(widget)
     first = widget._result.outputNode
     assert p.outputSegmentation is first  # the output selector now points at it: a re-run replaces it
     expected = _arrays(slicer, first, ct)
-    widget.onRefineButton()
+    _refine_in_background(widget)
     assert widget._result.outputNode is first and first.GetName() == "Model output refined"
     assert {k: v.tolist() for k, v in _arrays(slicer, first, ct).items()} == \
         {k: v.tolist() for k, v in expected.items()}
     assert len(slicer.mrmlScene.nodes("vtkMRMLSegmentationNode")) == 2  # input + one output
     p.outputSegmentation = None  # "Create new segmentation": both are kept, the earlier one hidden
-    widget.onRefineButton()
+    _refine_in_background(widget)
     second = widget._result.outputNode
     assert first is not second and second.GetName() == "Model output refined_1"
     outputs = [n for n in slicer.mrmlScene.nodes("vtkMRMLSegmentationNode") if n is not seg]
@@ -593,3 +603,49 @@ def test_the_input_cannot_be_the_output(M, slicer, model_file):
     ct, seg, _ = _scene(slicer, segments=SEGMENTS[:1])
     with pytest.raises(ValueError, match="output cannot be the input"):
         M.RefNetSegmentRefineLogic().refine(seg, ct, modelPath=str(model_file), device="cpu", outputNode=seg)
+
+
+def test_background_refine_equals_in_process_and_cancel_leaves_the_scene_as_it_was(M, slicer, model_file, tmp_path,
+                                                                                  monkeypatch):
+    import os
+
+    import qt
+
+    monkeypatch.setattr(slicer.app, "temporaryPath", str(tmp_path))
+    ct, seg, _ = _scene(slicer)
+    p = types.SimpleNamespace(inputSegmentation=seg, inputVolume=ct, useDefaultModel=False, outputSegmentation=None,
+                              modelPath=str(model_file), device=types.SimpleNamespace(value="cpu"), safetyGuards=True)
+    widget = _widget(M, slicer, p)
+    # Cancel right after the start: the process is killed, nothing is created, no job folder is left.
+    nodes = list(slicer.mrmlScene.nodes())
+    widget.onRefineButton()
+    job = widget._job
+    widget.onCancelButton()
+    qt.QTimer.pending.clear()
+    assert job.process.poll() is not None and not os.path.exists(job.folder)
+    assert list(slicer.mrmlScene.nodes()) == nodes and widget.ui.statusLabel.text.startswith("Cancelled")
+    assert widget.ui.refineButton.enabled and not widget.ui.cancelButton.visible
+    # A full run: the result equals the in-process refinement of the same inputs.
+    _refine_in_background(widget)
+    assert widget.ui.progressBar.maximum > 0 and "Guards held back" in widget.ui.statusLabel.text
+    direct = M.RefNetSegmentRefineLogic().refine(seg, ct, modelPath=str(model_file), device="cpu")
+    got, want = _arrays(slicer, widget._result.outputNode, ct), _arrays(slicer, direct.outputNode, ct)
+    assert {k: v.tolist() for k, v in got.items()} == {k: v.tolist() for k, v in want.items()}
+    assert [n for n in os.listdir(tmp_path) if n.startswith("RefNetRefine_")] == []  # job folder removed
+
+
+def test_a_failing_background_process_reports_its_message(M, slicer, tmp_path, monkeypatch):
+    import qt
+
+    monkeypatch.setattr(slicer.app, "temporaryPath", str(tmp_path))
+    ct, seg, _ = _scene(slicer, segments=SEGMENTS[:1])
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a model")
+    p = types.SimpleNamespace(inputSegmentation=seg, inputVolume=ct, useDefaultModel=False, outputSegmentation=None,
+                              modelPath=str(bad), device=types.SimpleNamespace(value="cpu"), safetyGuards=True)
+    widget = _widget(M, slicer, p)
+    nodes = list(slicer.mrmlScene.nodes())
+    widget.onRefineButton()
+    with pytest.raises(RuntimeError, match="refinement process failed: ValueError: .*bad.pt"):
+        qt.run_timers()
+    assert list(slicer.mrmlScene.nodes()) == nodes and widget._job is None and widget.ui.refineButton.enabled

@@ -109,6 +109,24 @@ class RefineResult:
     guards: GuardConfig | None = None
 
 
+@dataclass
+class PreparedRefinement:
+    """The exported inputs of one refinement, between :meth:`RefNetSegmentRefineLogic.prepareRefinement` and
+    :meth:`~RefNetSegmentRefineLogic.finishRefinement`."""
+
+    segmentationNode: object
+    volumeNode: object
+    outputNode: object
+    ids: list
+    masks: list
+    matched: list
+    unmatched: list
+    raw: np.ndarray  # (I, J, K) RefNet class map on the CT grid
+    affine: np.ndarray
+    ct: np.ndarray | None
+    start: float  # perf_counter at the start, for the run time in the status text
+
+
 class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
     """Node <-> numpy adapter over the ``refnet`` core; usable without the Widget (batch, scripts).
 
@@ -394,6 +412,8 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
                guards: GuardConfig | None = None, progressCallback=None, outputNode=None) -> RefineResult:
         """Refine a segmentation into a new node "<name> refined"; the input node is never modified.
 
+        Runs in this process (scripts, batch); the Widget uses :meth:`startBackgroundRefine` instead.
+
         Args:
             segmentationNode: vtkMRMLSegmentationNode to refine.
             volumeNode: its CT (default: the segmentation's reference volume); sets the voxel grid.
@@ -411,15 +431,30 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
             refnet.refine.RefinementCancelled: cancelled; nothing was created.
         """
         from refnet.guards import GuardConfig
-        from refnet.segments import class_changes, compose_class_map, format_report, match_segments
 
         self._requireDependencies()
         guards = guards or GuardConfig()
+        model = self.loadModel(modelPath, device)
+        job = self.prepareRefinement(segmentationNode, volumeNode, outputNode=outputNode, withCt=model.uses_ct)
+        self.log(f"Refining {len(job.ids)} segments on {model.device}; "
+                 f"copied unchanged: {', '.join(job.unmatched) or 'none'}.")
+        core = self.refineArraysWithReport(job.raw, job.affine, job.ct, model=model, guards=guards,
+                                           progressCallback=progressCallback)
+        return self.finishRefinement(job, core.labels, core.report, guards=guards, device=str(model.device))
+
+    def prepareRefinement(self, segmentationNode, volumeNode=None, *, outputNode=None,
+                          withCt: bool = True) -> PreparedRefinement:
+        """Check the inputs and export the matched segments as one class map on the CT grid (GUI thread).
+
+        Raises:
+            ValueError: bad inputs, the output is the input, or no segment matches a RefNet class.
+        """
+        from refnet.segments import compose_class_map, match_segments
+
         if outputNode is not None and outputNode is segmentationNode:
             raise ValueError("The output cannot be the input segmentation (it is never modified); choose "
                              "'Create new segmentation' or an earlier RefNet output.")
         volumeNode = self.checkInputs(segmentationNode, volumeNode)
-        model = self.loadModel(modelPath, device)
         segments = self.segmentList(segmentationNode)
         classes = match_segments([(name, terminology) for _, name, terminology in segments])
         ids = [segmentId for (segmentId, _, _), c in zip(segments, classes) if c]
@@ -427,26 +462,47 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
         unmatched = [name for (_, name, _), c in zip(segments, classes) if not c]
         if not ids:
             raise ValueError(self._noMatchMessage([name for _, name, _ in segments]))
-        self.log(f"Refining {len(ids)} segments on {model.device}; "
-                 f"copied unchanged: {', '.join(unmatched) or 'none'}.")
         start = time.perf_counter()
         masks = self.exportMasks(segmentationNode, ids, volumeNode)
-        raw = compose_class_map(masks, matched)
-        affine = self.ijkToRas(volumeNode)
-        ct = self._ctArray(volumeNode) if model.uses_ct else None
-        core = self.refineArraysWithReport(raw, affine, ct, model=model, guards=guards,
-                                           progressCallback=progressCallback)
-        refined = core.labels
-        replacing = outputNode is not None and slicer.mrmlScene.IsNodePresent(outputNode)
-        built = self._buildOutput(segmentationNode, volumeNode, ids, masks, matched, refined, affine,
-                                  temporary=replacing)
-        outputNode = self._replaceInto(outputNode, built) if replacing else built
-        changes, seconds = class_changes(raw, refined), time.perf_counter() - start
-        report = format_report(changes, seconds=seconds, device=str(model.device), unmatched=unmatched,
-                               unassigned=self._unassigned(refined, matched), report=core.report, guards=guards)
+        return PreparedRefinement(segmentationNode, volumeNode, outputNode, ids, masks, matched, unmatched,
+                                  compose_class_map(masks, matched), self.ijkToRas(volumeNode),
+                                  self._ctArray(volumeNode) if withCt else None, start)
+
+    def finishRefinement(self, job: PreparedRefinement, refined: np.ndarray, coreReport, *, guards,
+                         device: str) -> RefineResult:
+        """Build (or swap into the chosen earlier output) the refined node and the status text (GUI thread)."""
+        from refnet.segments import class_changes, format_report
+
+        replacing = job.outputNode is not None and slicer.mrmlScene.IsNodePresent(job.outputNode)
+        built = self._buildOutput(job.segmentationNode, job.volumeNode, job.ids, job.masks, job.matched, refined,
+                                  job.affine, temporary=replacing)
+        outputNode = self._replaceInto(job.outputNode, built) if replacing else built
+        changes, seconds = class_changes(job.raw, refined), time.perf_counter() - job.start
+        report = format_report(changes, seconds=seconds, device=device, unmatched=job.unmatched,
+                               unassigned=self._unassigned(refined, job.matched), report=coreReport, guards=guards)
         self.log(report)
-        return RefineResult(outputNode, volumeNode, raw != refined, changes, unmatched, seconds,
-                            str(model.device), report, core.report, guards)
+        return RefineResult(outputNode, job.volumeNode, job.raw != refined, changes, job.unmatched, seconds,
+                            device, report, coreReport, guards)
+
+    def startBackgroundRefine(self, segmentationNode, volumeNode=None, *, modelPath: str | None = None,
+                              device: str = "auto", guards: GuardConfig | None = None, outputNode=None):
+        """Start :meth:`refine`'s work in a separate process (``refnet.worker``); returns its handle.
+
+        The segments are exported here; the network runs in the process, whose stdout carries progress,
+        so the GUI stays live and :meth:`BackgroundRefinement.cancel` can stop it at any moment with the
+        scene unchanged. Poll the handle from a timer, then call its ``result()`` on the GUI thread.
+        """
+        from refnet.guards import GuardConfig
+
+        from .background import BackgroundRefinement
+
+        self._requireDependencies()
+        guards = guards or GuardConfig()
+        # The CT goes along always: whether the model reads it is known only once the process loaded it.
+        job = self.prepareRefinement(segmentationNode, volumeNode, outputNode=outputNode, withCt=True)
+        self.log(f"Refining {len(job.ids)} segments in a background process; "
+                 f"copied unchanged: {', '.join(job.unmatched) or 'none'}.")
+        return BackgroundRefinement.start(self, job, modelPath=modelPath, device=device, guards=guards)
 
     def _buildOutput(self, segmentationNode, volumeNode, ids, masks, matched, refined, affine, temporary=False):
         from refnet.segments import split_class_map

@@ -143,3 +143,14 @@ def setSliceViewerLayers(background=None, fit=False, **kwargs) -> None:
             widget.mrmlSliceCompositeNode().background_volume_id = background.GetID()
         if fit:
             widget.sliceLogic().FitSliceToAll()
+
+
+def launchConsoleProcess(args, useStartupEnvironment=True, updateEnvironment=None, cwd=None, **kwargs):
+    """util.py: a Popen of ``args`` with stdout and stderr merged, text mode; ``updateEnvironment`` entries
+    are set in (a copy of) the environment. The startup environment is this process's here."""
+    import os
+    import subprocess
+
+    env = dict(os.environ)
+    env.update(updateEnvironment or {})
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
