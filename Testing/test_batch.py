@@ -450,3 +450,29 @@ def test_script_names_missing_packages_before_importing_the_core(monkeypatch, ca
     assert "slicer.util.pip_install('monai nibabel')" in caplog.text
     monkeypatch.undo()
     assert script.missingPackages() == []
+
+
+def test_shards_cover_every_case_exactly_once(tmp_path, model_file, monkeypatch):
+    from refnet.cli import main as refnet_main
+
+    names = tuple(f"label{i:04d}.nii.gz" for i in range(1, 6))
+    root = _dataset(tmp_path / "in", names=names)
+    for k in range(2):  # a job array of 2: shard 0/2 and 1/2 into one output folder
+        assert refnet_main(["refine-dataset", "--input", str(root), "--output", str(tmp_path / "out"),
+                            "--model", str(model_file), "--shard", f"{k}/2", "--device", "cpu"]) == 0
+    done = [json.loads((tmp_path / "out" / f"refnet_batch_summary.shard{k}of2.json").read_text())["cases"]
+            for k in range(2)]
+    refined = [[c["case"] for c in shard if c["status"] == "done"] for shard in done]
+    assert sorted(refined[0] + refined[1]) == list(names) and not set(refined[0]) & set(refined[1])
+    assert len(refined[0]) == 3 and len(refined[1]) == 2
+    # Under torchrun, RANK/WORLD_SIZE choose the shard; a half-set environment is refused with the fix.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert batch.shard_from_environment() == (1, 2)
+    assert [c.name for c in batch.shard_cases(batch.find_cases(root), (1, 2))] == list(names[1::2])
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(ValueError, match="set both or neither"):
+        batch.shard_from_environment()
+    assert batch.shard_from_environment((0, 3)) == (0, 3)  # --shard wins
+    with pytest.raises(Exception, match="K must be 0..N-1"):
+        batch.parse_shard("2/2")

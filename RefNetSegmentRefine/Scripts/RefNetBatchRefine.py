@@ -117,7 +117,8 @@ def main(argv: list[str]) -> int:
     guards = batch.guard_config(args)  # checked by parse_args
     try:
         model = logic.loadModel(str(args.model) if args.model else None, args.device)
-        cases = batch.find_cases(args.input, ct_dir=args.ct)
+        shard = batch.shard_from_environment(args.shard)  # --shard K/N for job arrays
+        cases = batch.shard_cases(batch.find_cases(args.input, ct_dir=args.ct), shard)
     except (RuntimeError, FileNotFoundError, ValueError) as err:
         logging.error("RefNet batch: %s", err)
         return 1
@@ -134,7 +135,7 @@ def main(argv: list[str]) -> int:
     settings = batch.guard_settings(guards, model)
     try:
         summary = batch.run_batch(cases, args.output, refineCase, needs_ct=model.uses_ct, load_case=loadCaseWithSlicer,
-                                  guards=settings, settings=batch.run_settings(
+                                  guards=settings, summary_file=batch.summary_name(shard), settings=batch.run_settings(
                                       args.model or default_model_path(), label_scheme=args.label_scheme,
                                       guards=settings))
     except batch.SettingsMismatch as err:

@@ -500,18 +500,80 @@ def guard_settings(guards: GuardConfig, model: LoadedModel | None = None) -> dic
     return settings
 
 
-def build_parser(prog: str = "refnet-batch") -> argparse.ArgumentParser:
-    """The batch command line shared by plain Python and the Slicer batch script."""
-    parser = argparse.ArgumentParser(prog=prog, description="Refine every label map of a folder with RefNet.")
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)``: this process takes shard K (0-based) of N, e.g. ``$SLURM_ARRAY_TASK_ID/4``.
+
+    Raises:
+        argparse.ArgumentTypeError: not two integers with 0 <= K < N.
+    """
+    try:
+        index, count = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard must be K/N, e.g. 0/4 for the first of 4 shards; "
+                                         f"got {text!r}") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard {text}: K must be 0..N-1 (shards are numbered from 0)")
+    return index, count
+
+
+def shard_from_environment(shard: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """The shard to take: ``--shard`` if given, else torchrun's ``RANK``/``WORLD_SIZE``, else None (all cases).
+
+    Raises:
+        ValueError: a half-set torchrun environment (one of the two variables, or values out of range).
+    """
+    if shard is not None:
+        return shard
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    if rank is None and world is None:
+        return None
+    if rank is None or world is None:
+        raise ValueError(f"RANK={rank} and WORLD_SIZE={world}: torchrun sets both; set both or neither "
+                         "(or pass --shard K/N).")
+    try:
+        index, count = int(rank), int(world)
+    except ValueError:
+        raise ValueError(f"RANK={rank!r} and WORLD_SIZE={world!r} must be integers.") from None
+    if not 0 <= index < count:
+        raise ValueError(f"RANK={index} must be 0..WORLD_SIZE-1 (WORLD_SIZE={count}).")
+    return (index, count) if count > 1 else None
+
+
+def shard_cases(cases: Sequence[Case], shard: tuple[int, int] | None) -> list[Case]:
+    """This shard's share: every N-th case by name, starting at K (disjoint; N shards cover every case once)."""
+    ordered = sorted(cases, key=lambda c: c.name)
+    return ordered if shard is None else ordered[shard[0]::shard[1]]
+
+
+def summary_name(shard: tuple[int, int] | None) -> str:
+    """The summary file of a run: one per shard, so shards never write the same file."""
+    return SUMMARY_FILE if shard is None else SUMMARY_FILE.replace(".json", f".shard{shard[0]}of{shard[1]}.json")
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser, *, device: bool = True) -> None:
+    """The dataset-refinement options shared by ``refnet-batch``, ``refnet refine-dataset`` and the Slicer script.
+
+    ``device=False`` leaves out ``--device`` for a parser that has it already (the ``refnet`` command).
+    """
     parser.add_argument("--input", required=True, type=Path,
                         help="folder of label maps (or a BTCV root with label/ and img/)")
     parser.add_argument("--output", required=True, type=Path, help="folder for the refined label maps")
     parser.add_argument("--model", type=Path, default=None, help="RefNet model file (default: the shipped model)")
     parser.add_argument("--ct", type=Path, default=None, help="folder of CTs named like the label maps")
-    parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda or cuda:N")
+    if device:
+        parser.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda or cuda:N")
     parser.add_argument("--label-scheme", default="refnet", choices=sorted(LABEL_SCHEMES),
                         help="numbering of the input label maps (default: refnet)")
+    parser.add_argument("--shard", type=parse_shard, default=None, metavar="K/N",
+                        help="take shard K (0-based) of N: every N-th case by name from K, for job arrays; under "
+                             "torchrun RANK/WORLD_SIZE set it")
     add_guard_arguments(parser)
+
+
+def build_parser(prog: str = "refnet-batch") -> argparse.ArgumentParser:
+    """The batch command line shared by plain Python and the Slicer batch script."""
+    parser = argparse.ArgumentParser(prog=prog, description="Refine every label map of a folder with RefNet.")
+    add_batch_arguments(parser)
     return parser
 
 
@@ -519,21 +581,30 @@ def parse_args(argv: Sequence[str], *, prog: str = "refnet-batch") -> argparse.N
     """Parse and cross-check batch arguments; exits with status 2 on bad input (argparse)."""
     parser = build_parser(prog)
     args = parser.parse_args(list(argv))
-    if args.input.is_file():
-        parser.error(f"--input {args.input}: is a file, not a folder; give the folder that holds the label maps "
-                     "(for one file use `refnet refine`).")
-    if not args.input.is_dir():
-        parser.error(f"--input {args.input}: no such folder.")
-    inputs = {args.input.resolve(), (args.input / "label").resolve()}
-    if args.output.resolve() in inputs:
-        parser.error("--output must differ from --input: RefNet never writes over the input label maps.")
-    if args.model is not None and not args.model.is_file():
-        parser.error(f"--model {args.model}: no such file.")
     try:
-        guard_config(args)
+        check_batch_args(args)
     except ValueError as err:
         parser.error(str(err))
     return args
+
+
+def check_batch_args(args: argparse.Namespace) -> None:
+    """Cross-check parsed batch arguments before any work.
+
+    Raises:
+        ValueError: the input is not a folder, the output is the input, no model file, bad guard values.
+    """
+    if args.input.is_file():
+        raise ValueError(f"--input {args.input}: is a file, not a folder; give the folder that holds the label maps "
+                         "(for one file use `refnet refine`).")
+    if not args.input.is_dir():
+        raise ValueError(f"--input {args.input}: no such folder.")
+    inputs = {args.input.resolve(), (args.input / "label").resolve()}
+    if args.output.resolve() in inputs:
+        raise ValueError("--output must differ from --input: RefNet never writes over the input label maps.")
+    if args.model is not None and not args.model.is_file():
+        raise ValueError(f"--model {args.model}: no such file.")
+    guard_config(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -545,13 +616,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    return run_from_args(parse_args(sys.argv[1:] if argv is None else argv))
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Refine the dataset the parsed batch arguments name (this process's shard of it); the exit status."""
     stop_on_sigterm()
     try:
         from .checkpoint import default_model_path, load_model
 
+        shard = shard_from_environment(args.shard)
         model = load_model(args.model, device=args.device)
-        cases = find_cases(args.input, ct_dir=args.ct)
+        cases = shard_cases(find_cases(args.input, ct_dir=args.ct), shard)
     except ImportError as err:
         logger.error("RefNet batch: %s. Install PyTorch first (pip install torch; in Slicer: the PyTorch "
                      "extension), then run again.", err)
@@ -560,6 +636,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("RefNet batch: %s", err)
         return 1
     if not cases:
+        if shard is not None and find_cases(args.input, ct_dir=args.ct):
+            logger.info("RefNet batch: shard %d of %d has no case (fewer cases than shards).", *shard)
+            return 0
         logger.error("RefNet batch: no label maps (.nii, .nii.gz, .nrrd) found in %s.", args.input)
         return 1
 
@@ -574,7 +653,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = guard_settings(guards, model)
     try:
+        if shard is not None:
+            logger.info("shard %d of %d: %d cases", shard[0], shard[1], len(cases))
         summary = run_batch(cases, args.output, refine_case, needs_ct=model.uses_ct, guards=settings,
+                            summary_file=summary_name(shard),
                             settings=run_settings(args.model or default_model_path(), label_scheme=args.label_scheme,
                                                   guards=settings))
     except SettingsMismatch as err:

@@ -186,6 +186,13 @@ def _same_grid(a, b) -> bool:
     return bool(np.allclose(a, b, atol=1e-3))
 
 
+def _cmd_refine_dataset(args: argparse.Namespace) -> int:
+    from .batch import check_batch_args, run_from_args
+
+    check_batch_args(args)
+    return run_from_args(args)
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .checkpoint import load_model
     from .evaluate import write_metrics
@@ -283,6 +290,13 @@ def _parser() -> argparse.ArgumentParser:
                         "guard settings) as JSON")
     add_guard_arguments(s)
     s.set_defaults(func=_cmd_refine)
+
+    s = sub.add_parser("refine-dataset", parents=[common],
+                       help="refine every label map of a folder (the batch engine); sharded under torchrun or --shard")
+    from .batch import add_batch_arguments
+
+    s.set_defaults(func=_cmd_refine_dataset)
+    add_batch_arguments(s, device=False)  # --device comes with the common options
 
     s = sub.add_parser("evaluate", parents=[common], help="Dice of raw vs refined on a dataset split")
     s.add_argument("--data", required=True, help="BTCV-layout dataset with ground truth")
