@@ -374,12 +374,18 @@ def train_refnet(
     Returns:
         The best model (by held-out mean Dice), with its per-class check applied.
     """
+    from .distributed import setup
+
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     train_pairs, val_pairs = _split(pairs, config.val_cases)
     if config.model.ct_channels and any(p.ct is None for p in pairs):
         raise ValueError("the model takes the CT as input but some training pairs have no CT.")
-    device = resolve_device(config.device)
+    ctx, device_name = setup(config.device)  # under torchrun: this process's rank and device
+    if config.batch_size % ctx.world:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {ctx.world} processes "
+                         "(each takes an equal share of every batch).")
+    device = resolve_device(device_name)
     torch.manual_seed(config.seed)
     net = RefNet(config.model).to(device)
     optimiser = _OPTIMIZERS[config.optimizer](net.parameters(), lr=config.lr)
@@ -392,26 +398,44 @@ def train_refnet(
             + _simulated_pairs(fit, config.plausible_pairs, PLAUSIBLE_VARIATION, config.seed, plausible=True))
     loss_fn = RefNetLoss(raw_weight=config.raw_weight, dice_weight=config.dice_weight,
                          class_weights=_class_weights(fit, config.class_weight_power)).to(device)
-    start, best = _resume(work, net, optimiser)
+    start, best = _resume(work, net, optimiser)  # every process: the checkpoint does not depend on their number
     sampler = _Sampler(fit, config.error_fraction)
     meta = _metadata(config, pairs, train_pairs, val_pairs, {"extra_maps": len(extra), **(provenance or {})})
+    if ctx.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        meta["training"]["processes"] = ctx.world
+        trained = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        trained = net
     for epoch in range(start, config.epochs):
-        losses = _run_epoch(net, optimiser, loss_fn, sampler, config, epoch, device, progress)
+        losses = _run_epoch(trained, optimiser, loss_fn, sampler, config, epoch, device, progress and ctx.main, ctx)
         record: dict[str, Any] = {"epoch": epoch + 1, **losses}
-        if val_pairs and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs):
-            val = validate(LoadedModel(net.eval(), meta, device), val_pairs, guards=GuardConfig(class_check=False))
-            record.update(val_raw=val["raw"]["mean_dice"], val_refined=val["refined"]["mean_dice"])
-            if best is None or val["refined"]["mean_dice"] > best["score"]:
-                best = {"score": val["refined"]["mean_dice"], "epoch": epoch + 1}
-                save_model(work / "best.pt", net, metadata={**meta, "validation": val})
-        _log(work, record)
-        _checkpoint(work, net, optimiser, epoch + 1, best)
-    return _finish(work, net, meta, val_pairs, config, output, device)
+        if ctx.main:  # one process validates and writes; the others wait at the barrier
+            if val_pairs and ((epoch + 1) % config.val_every == 0 or epoch + 1 == config.epochs):
+                val = validate(LoadedModel(net.eval(), meta, device), val_pairs, guards=GuardConfig(class_check=False))
+                record.update(val_raw=val["raw"]["mean_dice"], val_refined=val["refined"]["mean_dice"])
+                if best is None or val["refined"]["mean_dice"] > best["score"]:
+                    best = {"score": val["refined"]["mean_dice"], "epoch": epoch + 1}
+                    save_model(work / "best.pt", net, metadata={**meta, "validation": val})
+            _log(work, record)
+            _checkpoint(work, net, optimiser, epoch + 1, best)
+        ctx.barrier()
+    out = Path(output) if output is not None else work / "refnet.pt"
+    model = _finish(work, net, meta, val_pairs, config, out, device) if ctx.main else None
+    ctx.barrier()
+    if model is None:
+        from .checkpoint import load_model
+
+        model = load_model(out, device=device)
+    return model
 
 
-def _run_epoch(net, optimiser, loss_fn, sampler, config, epoch, device, progress) -> dict[str, float]:
+def _run_epoch(net, optimiser, loss_fn, sampler, config, epoch, device, progress, ctx=None) -> dict[str, float]:
+    """One epoch; under torchrun each process trains on its share (every world-th crop) of the same batches."""
     rng = np.random.default_rng([config.seed, epoch])  # per-epoch streams make resume exact
     torch.manual_seed(config.seed * 1000 + epoch)
+    rank, world = (ctx.rank, ctx.world) if ctx is not None else (0, 1)
     net.train()
     sums = {"loss": 0.0, "ce_gt": 0.0, "dice_gt": 0.0, "ce_raw": 0.0}
     steps = range(config.steps_per_epoch)
@@ -421,6 +445,9 @@ def _run_epoch(net, optimiser, loss_fn, sampler, config, epoch, device, progress
         steps = tqdm(steps, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
     for _ in steps:
         labels, target, raw, ct = sample_batch(sampler, config, rng)
+        if world > 1:  # every process draws the whole batch from the same stream and keeps its disjoint share
+            labels, target, raw = labels[rank::world], target[rank::world], raw[rank::world]
+            ct = None if ct is None else ct[rank::world]
         x = torch.from_numpy(labels).to(device)
         c = None if ct is None else torch.from_numpy(ct).to(device)
         logits = net(x, c)
@@ -433,6 +460,8 @@ def _run_epoch(net, optimiser, loss_fn, sampler, config, epoch, device, progress
         for k in ("ce_gt", "dice_gt", "ce_raw"):
             sums[k] += float(terms[k].detach())
     net.eval()
+    if ctx is not None:
+        sums = ctx.all_mean(sums, device)
     return {k: round(v / config.steps_per_epoch, 5) for k, v in sums.items()}
 
 

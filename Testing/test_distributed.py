@@ -1,0 +1,71 @@
+"""RefNet training under torchrun with 2 gloo processes on CPU (tiny data), against one process."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from refnet.distributed import setup
+
+JOB = Path(__file__).resolve().parent / "ddp_train_job.py"
+ROOT = JOB.parents[1]
+
+
+def _run(args, timeout=600):
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _losses(folder):
+    return [json.loads(line)["loss"] for line in (folder / "work" / "train_log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    one, two = tmp_path_factory.mktemp("one"), tmp_path_factory.mktemp("two")
+    single = _run([sys.executable, str(JOB), str(one)])
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(JOB),
+                str(two)])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    return one, two
+
+
+def test_both_ranks_end_with_identical_weights(runs):
+    _, two = runs
+    a, b = torch.load(two / "rank0.pt"), torch.load(two / "rank1.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_loss_curve_matches_one_process_with_the_same_global_batch(runs):
+    # Each process takes every second crop of the same batch, so the gradient is the one-process gradient up to
+    # batch norm's per-process statistics (4 crops instead of 8): the curves agree within 3% per epoch
+    # (measured: 0.2%).
+    one, two = runs
+    single, ddp = _losses(one), _losses(two)
+    assert len(single) == len(ddp) == 3
+    assert all(abs(a - b) <= 0.03 * a for a, b in zip(single, ddp)), (single, ddp)
+    assert ddp[-1] < ddp[0]  # it trains
+
+
+def test_resuming_with_another_number_of_processes(runs, tmp_path):
+    import shutil
+
+    one, _ = runs
+    shutil.copytree(one / "work", tmp_path / "work")  # 3 epochs done by one process; 2 processes go on to 4
+    ddp = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(JOB),
+                str(tmp_path), "4"])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "work" / "train_log.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3, 4]  # epochs 1-3 from the one-process run, only epoch 4 trained by the two
+
+
+def test_a_half_set_environment_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="RANK, MASTER_ADDR, MASTER_PORT is not set.*torchrun"):
+        setup("cpu")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert setup("cpu")[0].world == 1  # nothing set: one process
