@@ -69,3 +69,26 @@ def test_a_half_set_environment_is_refused(monkeypatch):
         setup("cpu")
     monkeypatch.delenv("WORLD_SIZE")
     assert setup("cpu")[0].world == 1  # nothing set: one process
+
+
+def test_base_models_train_under_torchrun_and_the_first_process_predicts(tmp_path):
+    from refnet.data.phantoms import PhantomConfig, write_phantom_dataset
+    from refnet.segmenters import load_segmenter
+
+    coarse = PhantomConfig.demo(inplane_spacing_mm=(6.0, 6.0), slice_spacing_mm=(9.0, 9.0))
+    write_phantom_dataset(tmp_path / "data", [5, 6, 7, 1], config=coarse, seed=0)
+    args = ["train-segmenters", "--data", str(tmp_path / "data"), "--architectures", "unet", "--steps", "2",
+            "--folds", "2", "--device", "cpu"]
+    ddp = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                "refnet.cli", *args, "--out", str(tmp_path / "two")])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    folder = tmp_path / "two" / "predictions" / "unet-s0-2"
+    assert sorted(p.name for p in folder.glob("label*.nii.gz")) == [f"label{i:04d}.nii.gz" for i in (1, 5, 6, 7)]
+    record = json.loads((folder / "predictions.json").read_text())
+    assert record["folds"] == 2 and set(record["predicted_by"].values()) == {"unet-s0-2", "unet-s0-2-fold0",
+                                                                              "unet-s0-2-fold1"}
+    assert (tmp_path / "two" / "segmenters" / "unet-s0-2-fold1.pt").exists()
+    # Not compared with one process: the base models' DiceCE computes Dice over the batch (batch=True), which
+    # each process sees only half of, and AdamW's first steps move every weight by about the learning rate
+    # whatever the gradient's size, so two short runs differ by as much as they move.
+    load_segmenter(tmp_path / "two" / "segmenters" / "unet-s0-2.pt")

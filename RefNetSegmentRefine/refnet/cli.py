@@ -56,7 +56,7 @@ def _cmd_train_segmenters(args: argparse.Namespace) -> int:
         from .train import validation_cases
 
         holdout = validation_cases([c.case_id for c in split_cases(find_cases(args.data), "train")], args.hold_out)
-    folders = train_segmenters(args.data, args.out, configs, holdout=holdout, device=args.device,
+    folders = train_segmenters(args.data, args.out, configs, holdout=holdout, folds=args.folds, device=args.device,
                                progress=args.progress)
     for f in folders:
         print(f)
@@ -251,6 +251,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--hold-out", type=int, default=0, metavar="N",
                    help="leave the last N training cases out of base-model training (still predicted); pass "
                         "the same N to `refnet train --val-cases` so its per-class check sees unseen cases")
+    s.add_argument("--folds", type=int, default=0, metavar="K",
+                   help="predict the training cases out of fold: K models each trained without one K-th of them "
+                        "(nnU-Net's cross-validation), so RefNet learns from errors on unseen cases (default 0: off)")
     s.set_defaults(func=_cmd_train_segmenters)
 
     s = sub.add_parser("train", parents=[common, progress],

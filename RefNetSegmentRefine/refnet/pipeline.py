@@ -110,8 +110,10 @@ def train_segmenters(
         ValueError: no training case left, ``folds`` out of range, or a folder made with other settings.
     """
     from .data.btcv import find_cases, load_case, split_cases
+    from .distributed import setup
     from .segmenters import predict_segmenter, save_predictions, save_segmenter, train_segmenter
 
+    ctx, _ = setup(device)  # under torchrun every process trains; the first one predicts and writes
     cases = find_cases(dataset_dir)
     held = set(holdout)
     train = [c for c in split_cases(cases, "train") if c.case_id not in held]
@@ -138,16 +140,22 @@ def train_segmenters(
                   [c for c in fold_of if fold_of[c] == k]) for k in range(folds)]
         predictions = {}
         for run_config, fit_ids, predict_ids in runs:
-            net = train_segmenter([data[c][:2] for c in fit_ids], run_config, device=device, progress=progress)
+            net = train_segmenter([data[c][:2] for c in fit_ids], run_config, device=device,
+                                  progress=progress and ctx.main)
+            if not ctx.main:
+                continue
             save_segmenter(Path(out_dir) / "segmenters" / f"{run_config.name}.pt", net, run_config)
             for case_id in predict_ids:
                 ct, _labels = load_case(cases[case_id])
                 canon_ct, reo = to_canonical(ct.array.astype(np.float32), ct.affine)
                 pred = predict_segmenter(net, canon_ct, run_config, device=device)
                 predictions[case_id] = (reo.backward(pred), ct.affine)
-        folders.append(save_predictions(Path(out_dir) / "predictions", config.name, predictions))
-        write_json(folder / "predictions.json", {**record, "predicted_by": {
-            str(c): f"{config.name}-fold{fold_of[c]}" if c in fold_of else config.name for c in sorted(cases)}})
+        if ctx.main:
+            save_predictions(Path(out_dir) / "predictions", config.name, predictions)
+            write_json(folder / "predictions.json", {**record, "predicted_by": {
+                str(c): f"{config.name}-fold{fold_of[c]}" if c in fold_of else config.name for c in sorted(cases)}})
+        ctx.barrier()
+        folders.append(folder)
         logger.info("%s: trained %d model(s) and predicted %d cases in %.0f s", config.name, len(runs),
                     len(cases), time.perf_counter() - t0)
     return folders

@@ -272,14 +272,25 @@ def train_segmenter(
     Raises:
         ValueError: no cases, a non-3D CT, shapes that differ, or labels outside 0..12.
     """
+    from .distributed import setup
+
     if len(cases) == 0:
         raise ValueError("cases is empty; pass at least one (ct, labels) pair.")
     data = [_prepare_case(ct, lab, config, n) for n, (ct, lab) in enumerate(cases)]
+    ctx, device = setup(str(device))  # under torchrun: this process's rank and device
+    if config.batch_size % ctx.world:
+        raise ValueError(f"batch_size {config.batch_size} must be divisible by the {ctx.world} processes "
+                         "(each takes an equal share of every batch).")
     dev = resolve_device(device)
     rng = np.random.default_rng(config.seed)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(config.seed)
         net = build_segmenter(config).to(dev)
+    trained: nn.Module = net
+    if ctx.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     optimiser = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: (1 - s / config.steps) ** 0.9)
@@ -289,11 +300,12 @@ def train_segmenter(
 
         steps = tqdm(steps, desc=config.name, leave=False)
     start = time.perf_counter()
-    net.train()
+    trained.train()
     for step in steps:
-        x, y = _sample_batch(data, config, rng)
+        x, y = _sample_batch(data, config, rng)  # every process draws the same batch and keeps its share
+        x, y = x[ctx.rank::ctx.world], y[ctx.rank::ctx.world]
         optimiser.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x.to(dev)), y.to(dev))  # logits (B, C, I, J, K) vs labels (B, 1, I, J, K)
+        loss = loss_fn(trained(x.to(dev)), y.to(dev))  # logits (B, C, I, J, K) vs labels (B, 1, I, J, K)
         loss.backward()
         optimiser.step()
         schedule.step()
