@@ -92,3 +92,29 @@ def test_base_models_train_under_torchrun_and_the_first_process_predicts(tmp_pat
     # each process sees only half of, and AdamW's first steps move every weight by about the learning rate
     # whatever the gradient's size, so two short runs differ by as much as they move.
     load_segmenter(tmp_path / "two" / "segmenters" / "unet-s0-2.pt")
+
+
+def test_a_killed_job_resumes_from_its_last_checkpoint(tmp_path):
+    import os
+    import signal
+    import time
+
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(JOB),
+            str(tmp_path), "40"]
+    job = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    log = tmp_path / "work" / "train_log.jsonl"
+    deadline = time.time() + 300
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2) and time.time() < deadline:
+        time.sleep(0.2)
+    # Every process at once, mid-training: the launcher and its workers (which run in their own sessions).
+    os.killpg(job.pid, signal.SIGKILL)
+    subprocess.run(["pkill", "-9", "-f", str(tmp_path)], check=False)
+    job.wait()
+    time.sleep(0.5)
+    done = len(log.read_text().splitlines())
+    assert 2 <= done < 40
+    again = _run([*args[:-1], str(done + 2)])  # the rerun goes on from the checkpoint: two more epochs
+    assert again.returncode == 0, again.stderr[-3000:]
+    epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+    assert epochs[-2:] == [done + 1, done + 2] and epochs[:done] == list(range(1, done + 1))
