@@ -123,6 +123,9 @@ def main(argv: list[str]) -> int:
         logging.error("RefNet batch: %s", err)
         return 1
     if not cases:
+        if shard is not None and batch.find_cases(args.input, ct_dir=args.ct):
+            logging.info("RefNet batch: shard %d of %d has no case (fewer cases than shards).", *shard)
+            return 0
         logging.error("RefNet batch: no label maps (.nii, .nii.gz, .nrrd) found in %s.", args.input)
         return 1
 
