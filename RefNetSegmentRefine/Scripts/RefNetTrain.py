@@ -44,11 +44,9 @@ def main(argv: list[str]) -> int:
         return int(done.code or 0)
     overrides = {k: getattr(args, k) for k in _OVERRIDES if getattr(args, k, None) is not None}
     try:
-        try:
-            from RefNetSegmentRefine import RefNetSegmentRefineLogic
-        except ModuleNotFoundError as err:  # plain Python: no Slicer, the same core function
-            if err.name != "slicer":
-                raise
+        import importlib.util
+
+        if importlib.util.find_spec("slicer") is None:  # plain Python: no Slicer, the same core function
             from refnet.cli import _train_config
             from refnet.train import train_from_folders
 
@@ -56,6 +54,8 @@ def main(argv: list[str]) -> int:
                                      work_dir=args.work_dir, scheme=args.label_scheme, progress=args.progress,
                                      extra_label_dirs=args.extra_labels or (), extra_scheme=args.extra_labels_scheme)
         else:
+            from RefNetSegmentRefine import RefNetSegmentRefineLogic
+
             out = RefNetSegmentRefineLogic().train(
                 args.data, args.predictions, args.out, preset=args.preset, useCt=args.ct,
                 labelScheme=args.label_scheme, extraLabelDirs=tuple(args.extra_labels or ()),
