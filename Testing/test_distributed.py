@@ -34,7 +34,7 @@ def runs(tmp_path_factory):
 
 def test_both_ranks_end_with_identical_weights(runs):
     _, two = runs
-    a, b = torch.load(two / "rank0.pt"), torch.load(two / "rank1.pt")
+    a, b = torch.load(two / "rank0.pt", weights_only=True), torch.load(two / "rank1.pt", weights_only=True)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
