@@ -103,9 +103,8 @@ class BackgroundRefinement:
                 detail = self.error or "\n".join(self.output[-5:]) or f"exit status {self.process.returncode}"
                 raise RuntimeError(f"The refinement process failed: {detail}")
             refined, report = read_result(self.folder)
-            device = "cuda" if report.get("device", "").startswith("cuda") else report.get("device", "cpu")
-            return self.logic.finishRefinement(self.job, refined, RefineReport(**{k: v for k, v in report.items()
-                                                                                if k != "device"}),
-                                               guards=self.guards, device=device)
+            device = report.pop("device", "cpu")  # the worker adds where it ran to the report's fields
+            return self.logic.finishRefinement(self.job, refined, RefineReport(**report), guards=self.guards,
+                                               device=device)
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)

@@ -396,17 +396,19 @@ def _refine_one(case: Case, target: Path, refine_case: RefineCase, needs_ct: boo
     """Load, refine and save one case; fills ``entry`` (status, reason, seconds, report)."""
     start = time.perf_counter()
     try:
-        if is_segmentation_file(case.labels):  # segments matched by name, refined as RefNet classes
-            segments = read_segmentation_file(case.labels)
+        segments = read_segmentation_file(case.labels) if is_segmentation_file(case.labels) else None
+        if segments is not None:  # segments matched by name, refined as RefNet classes
             ct = load_case_files(dataclasses.replace(case, labels=None), needs_ct=True, affine=segments.affine,
                                  shape=segments.masks[0].shape)[2] if needs_ct else None
-            result = refine_case(segments.class_map(), segments.affine, ct, scheme="refnet")
-            refined, report = (result, None) if isinstance(result, np.ndarray) else (result.labels, result.report)
-            write_segmentation_file(target, segments, refined)
+            labels, affine = segments.class_map(), segments.affine
+            result = refine_case(labels, affine, ct, scheme="refnet")
         else:
             labels, affine, ct = load_case(case, needs_ct=needs_ct)
             result = refine_case(labels, affine, ct)
-            refined, report = (result, None) if isinstance(result, np.ndarray) else (result.labels, result.report)
+        refined, report = (result, None) if isinstance(result, np.ndarray) else (result.labels, result.report)
+        if segments is not None:
+            write_segmentation_file(target, segments, refined)
+        else:
             save_volume(target, refined, affine)
     except Exception as err:  # one bad case must not stop the dataset; the reason is reported
         entry.update(status="failed", reason=f"{type(err).__name__}: {err}")
