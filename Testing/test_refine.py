@@ -171,23 +171,24 @@ def test_out_of_memory_splits_the_batch_and_gives_the_same_result(tiny_model, mo
     import refnet.refine as refine_module
 
     lab = _labels()
-    expected = refine_labels(lab, np.eye(4), tiny_model)
+    expected = refine_labels(lab, np.eye(4), tiny_model, config=RefineConfig(batch_size=8))
     real = refine_module.predict_logits
 
-    def small_memory(model, labels, ct=None):
-        if len(labels) > 2:
+    def small_memory(model, labels, ct=None, **kw):
+        if len(kw["index"]) > 2:  # more than 2 samples in the batch
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(model, labels, ct)
+        return real(model, labels, ct, **kw)
 
     monkeypatch.setattr(refine_module, "predict_logits", small_memory)
-    np.testing.assert_array_equal(refine_labels(lab, np.eye(4), tiny_model), expected)
+    np.testing.assert_array_equal(refine_labels(lab, np.eye(4), tiny_model, config=RefineConfig(batch_size=8)),
+                                  expected)
     assert "out of memory" in caplog.text and "retrying in batches of" in caplog.text
 
 
 def test_a_slice_that_never_fits_is_a_clear_memory_error(tiny_model, monkeypatch):
     import refnet.refine as refine_module
 
-    def no_memory(model, labels, ct=None):
+    def no_memory(model, labels, ct=None, **kw):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB: out of memory")
 
     monkeypatch.setattr(refine_module, "predict_logits", no_memory)

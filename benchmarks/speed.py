@@ -8,10 +8,11 @@ the same CT, in the same run, so the cost is a ratio. Each measurement runs in a
 peak RSS is its own (``torch.cuda.max_memory_allocated`` on a GPU).
 
     python benchmarks/speed.py [--quick] [--device cpu|cuda] [--shapes 256x256x100 ...] [--no-base-model]
-        [--out DIR]   # writes DIR/speed.json (default benchmarks/)
+        [--base-model-shapes 512x512x200 ...] [--batch-sizes 2 4 8 16] [--out DIR]   # writes DIR/speed.json
 
 Rows of speed.json: ``shape``, ``device``, ``refine_s``, ``slices_per_s``, ``base_model_s``, ``peak_mem_mb``
-(the refinement's), ``base_peak_mem_mb``.
+(the refining process's peak: Python, torch, the model, the input and the refinement), ``refine_extra_mb``
+(that peak minus the memory before refining: what the refinement itself adds), ``base_peak_mem_mb``.
 """
 
 from __future__ import annotations
@@ -30,10 +31,12 @@ import numpy as np
 SHAPES = ((256, 256, 100), (512, 512, 200), (512, 512, 400))
 
 
-def _volume(shape: tuple[int, int, int], cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(labels, CT, affine) of ``shape``: a phantom of a 41 cm field of view with ``shape``'s in-plane size
-    (0.8 mm pixels at 512) and up to 100 slices of 2.5 mm, tiled along the slices beyond that. Generated
-    once per in-plane size into ``cache`` (an .npz), so every measurement reads the same arrays."""
+def _volume(shape: tuple[int, int, int], cache: Path, what: str = "labels") -> tuple[np.ndarray, np.ndarray]:
+    """(``what`` array, affine) of ``shape``: the label map or the CT of a phantom of a 41 cm field of view
+    with ``shape``'s in-plane size (0.8 mm pixels at 512) and up to 100 slices of 2.5 mm, tiled along the
+    slices beyond that. Generated once per in-plane size into ``cache`` (an .npz), so every measurement
+    reads the same arrays; only the array asked for is read, into its final buffer (no transient
+    copies), so the peak memory measured afterwards is the refinement's and the input's."""
     file = cache / f"phantom_{shape[0]}x{shape[1]}.npz"
     if not file.exists():
         from refnet.data.phantoms import PhantomConfig, make_phantom
@@ -43,11 +46,20 @@ def _volume(shape: tuple[int, int, int], cache: Path) -> tuple[np.ndarray, np.nd
         ph = make_phantom(0, config)
         np.savez(file, labels=ph.labels, ct=ph.ct, affine=ph.affine)
     data = np.load(file)
-    reps = -(-shape[2] // data["labels"].shape[2])
-    crop = tuple(slice(0, n) for n in shape)
-    labels = np.tile(data["labels"], (1, 1, reps))[crop]
-    ct = np.tile(data["ct"], (1, 1, reps))[crop]
-    return np.ascontiguousarray(labels), np.ascontiguousarray(ct), data["affine"]
+    src = data[what]
+    out = np.empty(shape, dtype=src.dtype)
+    for k0 in range(0, shape[2], src.shape[2]):
+        n = min(src.shape[2], shape[2] - k0)
+        out[:, :, k0 : k0 + n] = src[: shape[0], : shape[1], :n]
+    return out, data["affine"]
+
+
+def _rss_mb() -> float:
+    """Resident memory now (Linux /proc), in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _peak_mb(device: str) -> float:
@@ -58,18 +70,22 @@ def _peak_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
-def measure_refine(shape: tuple[int, int, int], device: str, cache: Path) -> dict:
-    """Refine one volume with the shipped model (child process body)."""
+def measure_refine(shape: tuple[int, int, int], device: str, cache: Path, batch_size: int | None = None) -> dict:
+    """Refine one volume with the shipped model (child process body); the engine's default batch size
+    unless given."""
     from refnet.checkpoint import load_model
-    from refnet.refine import refine_labels
+    from refnet.refine import RefineConfig, refine_labels
 
-    labels, _, affine = _volume(shape, cache)
+    labels, affine = _volume(shape, cache)
     model = load_model(device=device)
+    before = _rss_mb()
     t0 = time.perf_counter()
-    refine_labels(labels, affine, model)
+    refine_labels(labels, affine, model, config=RefineConfig(batch_size=batch_size))
     seconds = time.perf_counter() - t0
+    peak = _peak_mb(str(model.device))
     return {"refine_s": round(seconds, 2), "slices_per_s": round(shape[2] / seconds, 2),
-            "peak_mem_mb": round(_peak_mb(str(model.device)), 1), "device": str(model.device)}
+            "peak_mem_mb": round(peak, 1), "refine_extra_mb": round(peak - before, 1) if device != "cuda" else None,
+            "device": str(model.device)}
 
 
 def measure_base_model(shape: tuple[int, int, int], device: str, cache: Path) -> dict:
@@ -79,7 +95,7 @@ def measure_base_model(shape: tuple[int, int, int], device: str, cache: Path) ->
     from monai.networks.nets import SwinUNETR
     from refnet.device import resolve_device
 
-    _, ct, _ = _volume(shape, cache)
+    ct, _ = _volume(shape, cache, "ct")
     dev = resolve_device(device)
     torch.manual_seed(0)
     net = SwinUNETR(in_channels=1, out_channels=14, feature_size=48).to(dev).eval()
@@ -91,9 +107,10 @@ def measure_base_model(shape: tuple[int, int, int], device: str, cache: Path) ->
     return {"base_model_s": round(time.perf_counter() - t0, 2), "base_peak_mem_mb": round(_peak_mb(str(dev)), 1)}
 
 
-def _child(kind: str, shape: tuple[int, int, int], device: str, cache: Path) -> dict:
+def _child(kind: str, shape: tuple[int, int, int], device: str, cache: Path, batch_size: int | None = None) -> dict:
+    extra = [] if batch_size is None else ["--batch-sizes", str(batch_size)]
     out = subprocess.run([sys.executable, __file__, "--child", kind, "--shapes", "x".join(map(str, shape)),
-                          "--device", device, "--cache", str(cache)], capture_output=True, text=True)
+                          "--device", device, "--cache", str(cache), *extra], capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{kind} on {shape} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -113,32 +130,47 @@ def main() -> int:
                         "512x512x400)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--no-base-model", action="store_true", help="skip the SwinUNETR timing")
+    parser.add_argument("--base-model-shapes", type=_shape, nargs="+",
+                        help="time SwinUNETR only on these shapes (default: every shape; on 2 CPU cores it takes "
+                        "about 75 minutes on 512x512x200 and twice that on 512x512x400)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+",
+                        help="also refine the first shape at each of these batch sizes (how the default was chosen)")
     parser.add_argument("--out", default=str(Path(__file__).parent), help="folder for speed.json")
     parser.add_argument("--child", choices=("refine", "base"), help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     args = parser.parse_args()
     shapes = args.shapes or (SHAPES[:1] if args.quick else SHAPES)
     if args.child:
-        run = measure_refine if args.child == "refine" else measure_base_model
-        print(json.dumps(run(shapes[0], args.device, Path(args.cache))))
+        if args.child == "refine":
+            row = measure_refine(shapes[0], args.device, Path(args.cache), (args.batch_sizes or [None])[0])
+        else:
+            row = measure_base_model(shapes[0], args.device, Path(args.cache))
+        print(json.dumps(row))
         return 0
+    base_shapes = set(args.base_model_shapes or shapes) if not args.no_base_model else set()
     rows = []
     with tempfile.TemporaryDirectory(prefix="refnet_speed_") as cache:
         for shape in shapes:
             _volume(shape, Path(cache))  # generate outside the timed children
             row = {"shape": list(shape), **_child("refine", shape, args.device, Path(cache))}
-            if not args.no_base_model:
+            if shape in base_shapes:
                 row.update(_child("base", shape, args.device, Path(cache)))
                 row["refine_vs_base"] = round(row["refine_s"] / row["base_model_s"], 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
+        batches = []
+        for b in args.batch_sizes or ():
+            _volume(shapes[0], Path(cache))
+            batches.append({"shape": list(shapes[0]), "batch_size": b,
+                            **_child("refine", shapes[0], args.device, Path(cache), b)})
+            print(json.dumps(batches[-1]), flush=True)
     import torch
 
     meta = {"torch_threads": torch.get_num_threads(), "cpu_count": __import__("os").cpu_count(),
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     out = Path(args.out) / "speed.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": meta, "rows": rows}, indent=2) + "\n")
+    out.write_text(json.dumps({"machine": meta, "rows": rows, "batch_sizes": batches}, indent=2) + "\n")
     print(f"\n{'shape':<14}{'device':<8}{'refine s':>10}{'slices/s':>10}{'peak MB':>10}{'SwinUNETR s':>13}"
           f"{'refine/base':>13}")
     for r in rows:
@@ -146,6 +178,10 @@ def main() -> int:
         print(f"{'x'.join(map(str, r['shape'])):<14}{r['device']:<8}{r['refine_s']:>10.2f}{r['slices_per_s']:>10.2f}"
               f"{r['peak_mem_mb']:>10.0f}{base if base is not None else float('nan'):>13.2f}"
               f"{r.get('refine_vs_base', float('nan')):>13.3f}")
+    if batches:
+        print(f"\n{'batch size':>10}{'refine s':>10}{'peak MB':>10}  ({'x'.join(map(str, shapes[0]))})")
+        for r in batches:
+            print(f"{r['batch_size']:>10}{r['refine_s']:>10.2f}{r['peak_mem_mb']:>10.0f}")
     print(f"wrote {out}")
     return 0
 

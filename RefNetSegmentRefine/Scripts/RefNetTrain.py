@@ -26,7 +26,7 @@ for _path in (os.path.dirname(_SCRIPTS_DIR), _SCRIPTS_DIR):  # refnet/ + the mod
 from RefNetBatchRefine import exitApplication, missingPackages, scriptArguments  # noqa: E402
 
 _OVERRIDES = ("optimizer", "lr", "epochs", "steps_per_epoch", "batch_size", "raw_weight", "val_cases", "seed",
-              "device", "simulated_pairs")
+              "device", "simulated_pairs", "channels_last")
 
 
 def main(argv: list[str]) -> int:

@@ -75,6 +75,8 @@ def _train_config(args: argparse.Namespace):
                  if getattr(args, k) is not None}
     if args.ct:
         overrides["model"] = replace(config.model, ct_channels=1)
+    if getattr(args, "channels_last", False):
+        overrides["channels_last"] = True
     return replace(config, **overrides) if overrides else config
 
 
@@ -127,7 +129,8 @@ def _cmd_refine(args: argparse.Namespace) -> int:
     bar = _slice_bar(args.progress)
     result = refine_label_map_with_report(labels.array, labels.affine, None if ct is None else ct.array,
                                           model=model, scheme="refnet" if segments else args.label_scheme,
-                                          config=RefineConfig(batch_size=args.batch_size, guards=guards),
+                                          config=RefineConfig(batch_size=args.batch_size, guards=guards,
+                                                              precision=args.precision, compile=args.compile),
                                           progress=bar)
     if bar is not None:
         bar.close()
@@ -265,6 +268,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", choices=("paper", "demo"), default="demo",
                    help="paper: RMSprop lr 1e-5, w=1; demo: settings that train in minutes on CPU")
     s.add_argument("--ct", action="store_true", help="also feed the windowed CT to RefNet")
+    s.add_argument("--channels-last", action="store_true",
+                   help="channels-last activations: faster epochs (about 1.3x on CPU), same training up to rounding")
     s.add_argument("--label-scheme", type=_scheme, default="refnet", help="label values of the predictions")
     for name, typ in (("optimizer", str), ("lr", float), ("epochs", int), ("steps-per-epoch", int),
                       ("batch-size", int), ("raw-weight", float), ("val-cases", int), ("seed", int)):
@@ -286,7 +291,11 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="new file for the refined label map")
     s.add_argument("--label-scheme", type=_scheme, default="refnet",
                    help="label values of --labels: refnet, btcv, totalsegmentator, flare22 or word (default refnet)")
-    s.add_argument("--batch-size", type=_positive_int, default=8, help="slices per forward pass")
+    s.add_argument("--batch-size", type=_positive_int, help="slices per forward pass (default: 4 on CPU, "
+                   "chosen from free memory on a GPU)")
+    s.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="auto: bf16 (or fp16) autocast on a GPU, fp32 on CPU")
+    s.add_argument("--compile", action="store_true", help="torch.compile the net (eager if it fails)")
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.add_argument("--report", metavar="FILE.json",
                    help="also write the report (changes per class, voxels held back per guard, warnings, "

@@ -51,9 +51,24 @@ class GuardConfig:
         return cls(**{name: False for name in GUARD_NAMES})
 
 
+_SLAB = 32  # slices per step of the voxel-wise guards: their temporaries then follow a slab, not the volume
+
+
 def _revert(raw: np.ndarray, refined: np.ndarray, undo: np.ndarray) -> tuple[np.ndarray, int]:
     undo = undo & (raw != refined)
     return np.where(undo, raw, refined).astype(refined.dtype), int(undo.sum())
+
+
+def _slabwise(raw: np.ndarray, refined: np.ndarray, undo_of, *extra: np.ndarray) -> tuple[np.ndarray, int]:
+    """:func:`_revert` with ``undo_of(raw, refined, *extra)`` evaluated slab by slab along the last axis."""
+    out = np.empty_like(refined)
+    held = 0
+    for k in range(0, max(1, raw.shape[-1]), _SLAB):
+        part = (Ellipsis, slice(k, k + _SLAB))
+        a, b = raw[part], refined[part]
+        out[part], n = _revert(a, b, undo_of(a, b, *(e[part] for e in extra)))
+        held += n
+    return out, held
 
 
 def keep_classes(raw: np.ndarray, refined: np.ndarray, allowed: Sequence[int]) -> tuple[np.ndarray, int]:
@@ -66,8 +81,8 @@ def keep_classes(raw: np.ndarray, refined: np.ndarray, allowed: Sequence[int]) -
     Returns:
         ``(labels, held_back)``: new array of ``refined``'s dtype and the voxels put back.
     """
-    ok = np.isin(raw, list(allowed)) & np.isin(refined, list(allowed))
-    return _revert(raw, refined, ~ok)
+    allowed = list(allowed)
+    return _slabwise(raw, refined, lambda a, b: ~(np.isin(a, allowed) & np.isin(b, allowed)))
 
 
 def limit_to_confident(raw: np.ndarray, refined: np.ndarray, confidence: np.ndarray,
@@ -81,8 +96,12 @@ def limit_to_confident(raw: np.ndarray, refined: np.ndarray, confidence: np.ndar
             A threshold of 1 means the class never changes.
     """
     t = np.asarray(threshold, dtype=np.float32)
-    need = t if t.ndim == 0 else np.maximum(t[raw], t[refined])
-    return _revert(raw, refined, (confidence < need) | (need >= 1.0))  # 1: never change
+
+    def undo(a, b, conf):
+        need = t if t.ndim == 0 else np.maximum(t[a], t[b])
+        return (conf < need) | (need >= 1.0)  # 1: never change
+
+    return _slabwise(raw, refined, undo, confidence)
 
 
 def _boundary(labels: np.ndarray) -> np.ndarray:
@@ -102,8 +121,9 @@ def limit_to_band(raw: np.ndarray, refined: np.ndarray, spacing: Sequence[float]
                   band_mm: float) -> tuple[np.ndarray, int]:
     """Undo changes farther than ``band_mm`` from every boundary of ``raw`` (3D, in mm).
 
-    The distance transform runs only over the box of changed voxels plus the band, so its cost
-    follows the size of the changes, not of the volume.
+    The distance transform runs only over the box of changed voxels plus the band, and over that box
+    slab by slab along the last axis (each slab padded by the band: a boundary beyond the pad is farther
+    than the band anyway, so the decision is exact), so its memory follows a slab, not the volume.
 
     Args:
         spacing: voxel size in mm along each axis of the arrays.
@@ -112,13 +132,19 @@ def limit_to_band(raw: np.ndarray, refined: np.ndarray, spacing: Sequence[float]
     if not changed.any():
         return refined.copy(), 0
     pad = [int(np.ceil(band_mm / s)) + 1 for s in spacing]
-    nz = np.nonzero(changed)
-    box = tuple(slice(max(0, int(i.min()) - p), min(n, int(i.max()) + 1 + p))
-                for i, p, n in zip(nz, pad, raw.shape))
-    edge = _boundary(raw[box])
+    extent = [np.flatnonzero(np.any(changed, axis=tuple(a for a in range(raw.ndim) if a != axis)))
+              for axis in range(raw.ndim)]
+    box = [slice(max(0, int(i[0]) - p), min(n, int(i[-1]) + 1 + p)) for i, p, n in zip(extent, pad, raw.shape)]
     far = np.ones(raw.shape, dtype=bool)
-    if edge.any():
-        far[box] = ndimage.distance_transform_edt(~edge, sampling=spacing) > band_mm
+    last = box[-1]
+    for k0 in range(last.start, last.stop, _SLAB):
+        k1 = min(last.stop, k0 + _SLAB)
+        lo, hi = max(last.start, k0 - pad[-1]), min(last.stop, k1 + pad[-1])  # the slab and its pad
+        region = (*box[:-1], slice(lo, hi))
+        edge = _boundary(raw[region])
+        if edge.any():
+            dist = ndimage.distance_transform_edt(~edge, sampling=spacing)[..., k0 - lo : k1 - lo]
+            far[(*box[:-1], slice(k0, k1))] = dist > band_mm
     return _revert(raw, refined, far)
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from monai.networks.nets import BasicUNet
 from torch import nn
 
@@ -80,12 +79,46 @@ class RefNet(nn.Module):
             nn.init.zeros_(self.unet.final_conv.weight)
             nn.init.zeros_(self.unet.final_conv.bias)
 
-    def forward(self, labels: torch.Tensor, ct: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(self, slices: torch.Tensor) -> torch.Tensor:
+        """(N, H, W) integer classes -> (N, E, H, W) embedded slices (a view, not contiguous).
+
+        Refinement embeds each slice of a volume once and gathers it into every slab it serves
+        (:meth:`forward_slices`) instead of once per neighbour; the numbers are the same.
+        """
+        return self.embedding(slices.long()).permute(0, 3, 1, 2)
+
+    def forward_slices(self, slices: torch.Tensor, index: torch.Tensor, ct: torch.Tensor | None = None, *,
+                       unet: nn.Module | None = None, channels_last: bool = False) -> torch.Tensor:
+        """Refine a batch given as distinct slices and, per sample, which of them form its slab.
+
+        Args:
+            slices: (N, H, W) integer classes.
+            index: (B, S) int64 indices into ``slices``, centre slice in the middle.
+            ct: as in :meth:`forward`.
+            unet: run this (e.g. a ``torch.compile`` of ``self.unet``) instead of ``self.unet``.
+            channels_last: feed the UNet channels-last activations (faster convolutions on GPUs).
+
+        Returns:
+            (B, C, H, W) float logits, equal to ``forward(slices[index], ct)``.
+        """
+        b, s = index.shape
+        if s != self.config.slices:
+            raise ValueError(f"expected {self.config.slices} label slices per sample, got {s}.")
+        h, w = slices.shape[-2:]
+        emb = self.embed(slices).contiguous()  # (N, E, H, W): the gather below then needs no second copy
+        x = emb[index.reshape(-1)].reshape(b, s * self.config.embed_dim, h, w)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self._decode(x, slices[index[:, self.config.context]], ct, unet)
+
+    def forward(self, labels: torch.Tensor, ct: torch.Tensor | None = None, *, channels_last: bool = False
+                ) -> torch.Tensor:
         """Refine a batch of label slices.
 
         Args:
-            labels: (B, S, H, W) int64 class indices, S = ``config.slices``, centre slice in the middle.
+            labels: (B, S, H, W) integer class indices, S = ``config.slices``, centre slice in the middle.
             ct: (B, ct_channels, H, W) float32 windowed CT in [0, 1], required iff ``ct_channels > 0``.
+            channels_last: channels-last activations (faster convolutions; the same numbers up to rounding).
 
         Returns:
             (B, C, H, W) float32 logits for the centre slice.
@@ -94,15 +127,22 @@ class RefNet(nn.Module):
         b, s, h, w = labels.shape
         if s != cfg.slices:
             raise ValueError(f"expected {cfg.slices} label slices per sample, got {s}.")
-        x = self.embedding(labels)  # (B, S, H, W, E)
-        x = x.permute(0, 1, 4, 2, 3).reshape(b, s * cfg.embed_dim, h, w)  # (B, S*E, H, W)
+        x = self.embed(labels.reshape(b * s, h, w)).reshape(b, s * cfg.embed_dim, h, w)  # (B, S*E, H, W)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self._decode(x, labels[:, cfg.context], ct)
+
+    def _decode(self, x: torch.Tensor, centre: torch.Tensor, ct: torch.Tensor | None,
+                unet: nn.Module | None = None) -> torch.Tensor:
+        """UNet over the embedded slab (plus CT), then the identity start on the centre slice."""
+        cfg = self.config
         if cfg.ct_channels:
             if ct is None or ct.shape[1] != cfg.ct_channels:
                 raise ValueError(f"this RefNet needs {cfg.ct_channels} CT channel(s); pass ct.")
             x = torch.cat([x, ct.to(x.dtype)], dim=1)  # (B, S*E + ct, H, W)
-        logits = self.unet(x)  # (B, C, H, W)
+        logits = (self.unet if unet is None else unet)(x)  # (B, C, H, W)
         if cfg.identity_scale > 0:
-            centre = labels[:, cfg.context]  # (B, H, W)
-            identity = F.one_hot(centre, cfg.num_classes).permute(0, 3, 1, 2)  # (B, C, H, W)
-            logits = logits + cfg.identity_scale * identity.to(logits.dtype)
+            # logits + scale * one_hot(centre), without building the (B, C, H, W) one-hot: the same numbers
+            add = torch.full(centre.shape, cfg.identity_scale, dtype=logits.dtype, device=logits.device)
+            logits = logits.scatter_add(1, centre.long()[:, None], add[:, None])
         return logits

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from .labels import CLASS_NAMES, check_class_labels
 from .spacing import InPlaneGrid, context_offsets, resample_image, resample_labels, to_native, voxel_spacing
 
 __all__ = [
+    "PRECISIONS",
     "ProgressCallback",
     "Proposal",
     "RefineConfig",
@@ -37,12 +39,16 @@ __all__ = [
     "RefineResult",
     "RefinementCancelled",
     "apply_guards",
+    "auto_batch_size",
     "label_slab",
+    "labelled_extent",
     "logits_to_labels",
     "predict_logits",
+    "present_classes",
     "propose",
     "refine_labels",
     "refine_volume",
+    "resolve_precision",
     "restrict_changes",
     "window_ct",
 ]
@@ -58,19 +64,30 @@ class RefinementCancelled(RuntimeError):
     """Raised when the progress callback asked to stop; no output was produced."""
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 @dataclass(frozen=True)
 class RefineConfig:
-    """How a volume is streamed through the net, and which guards run."""
+    """How a volume is streamed through the net, and which guards run.
 
-    batch_size: int = 8  # axial slices per forward pass (memory vs speed)
+    The speed settings were each kept because ``benchmarks/speed.py`` showed they pay (or, for the GPU
+    ones, are what GPUs need); on CPU the defaults give the same output as plain fp32 inference.
+    """
+
+    batch_size: int | None = None  # axial slices per forward pass; None: chosen from free memory (GPU) or 4 (CPU)
     margin_mm: float = 12.0  # processed around the labelled box; raised to the guard band if smaller
     guards: GuardConfig = field(default_factory=GuardConfig)
+    precision: str = "auto"  # "auto": bf16 (fp16 without bf16) autocast on a GPU, fp32 on CPU
+    compile: bool | str = False  # torch.compile the UNet (True: inductor; or a backend name); eager if it fails
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
         if self.margin_mm < 0:
             raise ValueError(f"margin_mm must be >= 0, got {self.margin_mm}.")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}.")
 
 
 @dataclass
@@ -138,21 +155,57 @@ def label_slab(volume: np.ndarray, centres, offsets) -> np.ndarray:
     return np.moveaxis(volume[:, :, idx], (2, 3), (0, 1))  # (B, S, I, J)
 
 
-@torch.no_grad()
-def predict_logits(model: LoadedModel, labels: np.ndarray, ct: np.ndarray | None = None) -> torch.Tensor:
+def predict_logits(model: LoadedModel, labels: np.ndarray, ct: np.ndarray | None = None, *,
+                   index: np.ndarray | None = None, precision: str = "fp32", unet=None) -> torch.Tensor:
     """Run the net on a batch of label slabs.
 
     Args:
         model: a loaded RefNet.
-        labels: (B, S, H, W) integer classes.
+        labels: (B, S, H, W) integer classes; or, with ``index``, (N, H, W) distinct slices.
         ct: (B, ct_channels, H, W) windowed CT in [0, 1], or None for label-only models.
+        index: (B, S) indices into ``labels`` forming each sample's slab: each slice is embedded once.
+        precision: "fp32", "bf16" or "fp16" (autocast; see :class:`RefineConfig`).
+        unet: a compiled UNet to run instead of the model's own.
 
     Returns:
         (B, C, H, W) float32 logits on the model's device.
     """
-    x = torch.as_tensor(np.ascontiguousarray(labels), dtype=torch.long, device=model.device)
-    c = None if ct is None else torch.as_tensor(np.ascontiguousarray(ct), dtype=torch.float32, device=model.device)
-    return model.net(x, c).float()
+    dev = model.device
+    # uint8 to the device, widened there: a label costs 1 byte on the way instead of 8
+    x = torch.from_numpy(np.asarray(labels).astype(np.uint8, order="C")).to(dev)  # fresh strides: torch
+    c = None if ct is None else torch.from_numpy(np.asarray(ct).astype(np.float32, order="C")).to(dev)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+        if index is None:
+            out = model.net(x, c)
+        else:
+            out = model.net.forward_slices(x, torch.as_tensor(index, device=dev), c, unet=unet,
+                                           channels_last=True)
+    return out.float()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> bf16 on a GPU that has it, fp16 on other GPUs, fp32 on CPU (where autocast is slower)."""
+    if precision != "auto":
+        if precision == "fp16" and device.type != "cuda":
+            raise ValueError("fp16 runs only on a CUDA GPU; use precision fp32 or bf16 on CPU.")
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def auto_batch_size(plane: tuple[int, int], model: LoadedModel, free_bytes: int | None) -> int:
+    """Slices per forward pass: 4 on CPU (``benchmarks/speed.py --batch-sizes``: larger batches are slower
+    there), on a GPU as many as fit in half its free memory by a generous estimate of the activations
+    (every UNet level's features, kept for the skip connections, twice over, in fp32), at most 64."""
+    if free_bytes is None:
+        return 4
+    feats = model.config.features
+    levels = sum(f / 4**i for i, f in enumerate(feats[:5])) + feats[5]
+    per_slice = 4 * plane[0] * plane[1] * (4 * levels + model.config.slices * model.config.embed_dim
+                                            + 3 * model.config.num_classes)
+    return int(max(1, min(64, free_bytes // 2 // max(1, per_slice))))
 
 
 def logits_to_labels(logits: torch.Tensor) -> np.ndarray:
@@ -187,6 +240,25 @@ def _check_inputs(labels: np.ndarray, ct: np.ndarray | None, model: LoadedModel)
 _ALIGN = 16  # BasicUNet halves the image 4 times
 
 
+def labelled_extent(labels: np.ndarray) -> list[tuple[int, int]]:
+    """``[lo, hi)`` per axis of the nonzero voxels, from per-axis projections: no index arrays (np.nonzero
+    would hold 24 bytes per labelled voxel)."""
+    out = []
+    for axis in range(labels.ndim):
+        hit = np.flatnonzero(np.any(labels, axis=tuple(a for a in range(labels.ndim) if a != axis)))
+        out.append((int(hit[0]), int(hit[-1]) + 1))
+    return out
+
+
+def present_classes(labels: np.ndarray, num_classes: int, chunk: int = 16) -> np.ndarray:
+    """(num_classes,) bool: classes that occur, counted slab by slab (np.bincount would widen the whole
+    volume to int64 at once)."""
+    found = np.zeros(num_classes, dtype=bool)
+    for k in range(0, labels.shape[-1], chunk):
+        found |= np.bincount(labels[..., k : k + chunk].ravel(), minlength=num_classes)[:num_classes] > 0
+    return found
+
+
 @dataclass(frozen=True)
 class _Plan:
     """Where the net runs: whole slices of the model grid, written back into a native box."""
@@ -199,11 +271,10 @@ class _Plan:
 
 
 def _plan(labels: np.ndarray, spacing, model: LoadedModel, config: RefineConfig, band_mm: float) -> _Plan:
-    nz = np.nonzero(labels)
+    extent = labelled_extent(labels)
     margin_mm = max(config.margin_mm, band_mm + max(spacing)) if config.guards.band else config.margin_mm
-    box = tuple(slice(max(0, int(i.min()) - math.ceil(margin_mm / s)),
-                      min(n, int(i.max()) + 1 + math.ceil(margin_mm / s)))
-                for i, s, n in zip(nz, spacing, labels.shape))
+    box = tuple(slice(max(0, lo - math.ceil(margin_mm / s)), min(n, hi + math.ceil(margin_mm / s)))
+                for (lo, hi), s, n in zip(extent, spacing, labels.shape))
     grid = InPlaneGrid.for_spacing(labels.shape[:2], spacing[:2], model.inplane_mm)
     # The whole slice (padded with background to a multiple of 16) goes through the net, so what it
     # predicts at a voxel never depends on the box; with batch norm it does not depend on the size either.
@@ -235,7 +306,6 @@ class Proposal:
     spacing: tuple[float, float, float]
 
 
-@torch.no_grad()
 def propose(canon: np.ndarray, spacing, model: LoadedModel, *, ct: np.ndarray | None = None,
             config: RefineConfig | None = None, progress: ProgressCallback | None = None) -> Proposal:
     """Run the net over the labelled box of a canonical volume and return its candidate labels.
@@ -253,7 +323,7 @@ def propose(canon: np.ndarray, spacing, model: LoadedModel, *, ct: np.ndarray | 
     z0, z1 = plan.zwork
     work = resample_labels(canon[:, :, z0:z1], plan.grid, plan.span, num_classes=model.config.num_classes)
     work_ct = None if ct is None else resample_image(ct[:, :, z0:z1], plan.grid, plan.span)
-    present = np.bincount(canon.ravel(), minlength=model.config.num_classes) > 0
+    present = present_classes(canon, model.config.num_classes)
     if not config.guards.absent_classes:
         present[:] = True
     keep = torch.as_tensor(present, device=model.device).view(1, -1, 1, 1)
@@ -261,18 +331,65 @@ def propose(canon: np.ndarray, spacing, model: LoadedModel, *, ct: np.ndarray | 
     raw = np.ascontiguousarray(canon[box]).astype(np.uint8)
     candidate, confidence = raw.copy(), np.ones(raw.shape, dtype=np.float32)
     absent_held, total = 0, box[2].stop - box[2].start
-    for start in range(box[2].start, box[2].stop, config.batch_size):
-        centres = np.arange(start, min(box[2].stop, start + config.batch_size))
-        slab = label_slab(work, centres - z0, plan.offsets)  # (B, S, U, V)
+    precision = resolve_precision(config.precision, model.device)
+    unet = _compiled_unet(model, config.compile)
+    batch = config.batch_size or auto_batch_size(work.shape[:2], model, _free_memory(model.device))
+    for start in range(box[2].start, box[2].stop, batch):
+        centres = np.arange(start, min(box[2].stop, start + batch))
+        # each slice the batch reads is embedded once and gathered into every slab it serves
+        idx = np.clip(centres[:, None] + plan.offsets[None, :], 0, canon.shape[2] - 1) - z0  # (B, S)
+        needed, index = np.unique(idx, return_inverse=True)
+        slices = np.moveaxis(work[:, :, needed], 2, 0)  # (N, U, V) uint8
         ct_slab = None if work_ct is None else label_slab(work_ct, centres - z0, [0])
-        probs = _probabilities(model, slab, ct_slab)  # (B, C, U, V)
+        probs = _probabilities(model, slices, index.reshape(idx.shape), ct_slab, precision, unet)  # (B, C, U, V)
         k = slice(start - box[2].start, centres[-1] + 1 - box[2].start)
-        absent_held += _to_box(probs, keep, torch.as_tensor(slab[:, slab.shape[1] // 2].astype(np.int64),
-                                                            device=probs.device),
-                               plan, raw[:, :, k], candidate[:, :, k], confidence[:, :, k])
+        centre = torch.as_tensor(slices[index.reshape(idx.shape)[:, idx.shape[1] // 2]]).to(probs.device)
+        absent_held += _to_box(probs, keep, centre, plan, raw[:, :, k], candidate[:, :, k], confidence[:, :, k])
         if progress is not None and progress(int(centres[-1] + 1 - box[2].start), total) is False:
             raise RefinementCancelled("refinement cancelled; the input was left unchanged.")
     return Proposal(box, raw, candidate, confidence, absent_held, tuple(spacing))
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Free bytes on a GPU (None on CPU, where the batch size does not follow memory)."""
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+class _CompiledUNet:
+    """A model's UNet through ``torch.compile``; the first call that fails to compile (no C++ compiler,
+    an unsupported platform) is a warning and every call after it runs eagerly: compiling only buys speed."""
+
+    def __init__(self, unet: torch.nn.Module, backend: str) -> None:
+        self.eager, self.backend = unet, backend
+        self.compiled = torch.compile(unet, backend=backend, dynamic=True)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(x)
+            except Exception as err:
+                if _is_out_of_memory(err):
+                    raise
+                logger.warning("torch.compile (%s) failed here (%s); running eagerly", self.backend,
+                               str(err).splitlines()[0] if str(err) else type(err).__name__)
+                self.compiled = None
+        return self.eager(x)
+
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # net -> {backend: _CompiledUNet}
+
+
+def _compiled_unet(model: LoadedModel, request: bool | str) -> _CompiledUNet | None:
+    """The model's compiled UNet, made once per net and backend; None when not asked for."""
+    if not request:
+        return None
+    backend = "inductor" if request is True else str(request)
+    per_net = _COMPILED.setdefault(model.net, {})
+    if backend not in per_net:
+        per_net[backend] = _CompiledUNet(model.net.unet, backend)
+    return per_net[backend]
 
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch.OutOfMemoryError from torch 2.5
@@ -282,30 +399,33 @@ def _is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, (MemoryError, _OOM)) or "out of memory" in str(err).lower()
 
 
-def _probabilities(model: LoadedModel, slab: np.ndarray, ct_slab: np.ndarray | None) -> torch.Tensor:
-    """Softmax of the net over a batch of slabs; out of memory, the batch is split in halves (down to one slice).
+def _probabilities(model: LoadedModel, slices: np.ndarray, index: np.ndarray, ct_slab: np.ndarray | None,
+                   precision: str = "fp32", unet=None) -> torch.Tensor:
+    """Softmax of the net over a batch; out of memory, the batch is split in halves (down to one slice).
 
-    A slice that does not fit even alone is an error naming the fix (a smaller machine than the volume).
+    ``slices`` (N, U, V) are the distinct label slices and ``index`` (B, S) the slab of each sample. A
+    slice that does not fit even alone is an error naming the fix (a smaller machine than the volume).
     """
     try:
-        return torch.softmax(predict_logits(model, slab, ct_slab), dim=1)
+        return torch.softmax(predict_logits(model, slices, ct_slab, index=index, precision=precision, unet=unet),
+                             dim=1)
     except (RuntimeError, MemoryError) as err:
         if not _is_out_of_memory(err):
             raise
         if model.device.type == "cuda":
             torch.cuda.empty_cache()
-            if len(slab) == 1:  # the GPU cannot hold even one slice: this slice on the CPU
+            if len(index) == 1:  # the GPU cannot hold even one slice: this slice on the CPU
                 logger.warning("out of GPU memory for a single slice; running it on the CPU")
                 cpu = LoadedModel(copy.deepcopy(model.net).cpu(), model.metadata, torch.device("cpu"))
-                return _probabilities(cpu, slab, ct_slab).to(model.device)
-        if len(slab) == 1:
-            raise MemoryError(f"one slice of {slab.shape[-2]} x {slab.shape[-1]} pixels does not fit in memory on "
-                              f"{model.device}; free memory (close other programs) or use --device cpu.") from err
-    half = len(slab) // 2
+                return _probabilities(cpu, slices, index, ct_slab).to(model.device)
+        if len(index) == 1:
+            raise MemoryError(f"one slice of {slices.shape[-2]} x {slices.shape[-1]} pixels does not fit in memory "
+                              f"on {model.device}; free memory (close other programs) or use --device cpu.") from err
+    half = len(index) // 2
     logger.warning("out of memory on %s with %d slices at once; retrying in batches of %d", model.device,
-                   len(slab), half)
-    parts = [_probabilities(model, slab[a:b], None if ct_slab is None else ct_slab[a:b])
-             for a, b in ((0, half), (half, len(slab)))]
+                   len(index), half)
+    parts = [_probabilities(model, slices, index[a:b], None if ct_slab is None else ct_slab[a:b], precision, unet)
+             for a, b in ((0, half), (half, len(index)))]
     return torch.cat(parts)
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 __all__ = ["InPlaneGrid", "context_offsets", "resample_image", "resample_labels", "to_native", "voxel_spacing"]
 
 _CHUNK = 16  # slices per grid_sample call: bounds the one-hot's memory
+_ONEHOT_BYTES = 64 * 2**20  # and at most about this much float one-hot per call for label maps
 
 
 def voxel_spacing(affine: np.ndarray) -> tuple[float, float, float]:
@@ -118,13 +119,20 @@ def resample_labels(volume: np.ndarray, grid: InPlaneGrid, span: tuple[tuple[int
     (a0, a1), (b0, b1) = _source_block(rows, volume.shape[0]), _source_block(cols, volume.shape[1])
     if a1 <= a0 or b1 <= b0:
         return out
-    for k0 in range(0, volume.shape[2], _CHUNK):
-        block = torch.from_numpy(np.ascontiguousarray(volume[a0:a1, b0:b1, k0 : k0 + _CHUNK]).astype(np.int64))
-        classes = torch.arange(num_classes).view(1, -1, 1, 1)
-        onehot = (block.permute(2, 0, 1)[:, None] == classes).float()  # (B, C, a, b); faster than F.one_hot
-        probs = _sample(onehot, rows, cols, (a0, b0), "bilinear", "zeros")  # (B, C, U, V)
+    # slices per grid_sample call: the float one-hot of a chunk stays near _ONEHOT_BYTES whatever the slice size
+    step = max(1, min(_CHUNK, _ONEHOT_BYTES // (4 * num_classes * (a1 - a0) * (b1 - b0))))
+    for k0 in range(0, volume.shape[2], step):
+        # (B, a, b) fresh C-order copy (ascontiguousarray may keep a negative stride of a length-1 axis)
+        chunk = np.moveaxis(volume[a0:a1, b0:b1, k0 : k0 + step], 2, 0).astype(np.uint8, order="C")
+        # Only the classes this chunk holds (background always first): an absent class has probability 0
+        # everywhere, so it never wins the first-maximum argmax, and the result is the all-classes one.
+        classes = np.union1d([0], np.flatnonzero(np.bincount(chunk.ravel(), minlength=num_classes) > 0))
+        block = torch.from_numpy(chunk)[:, None]  # (B, 1, a, b) uint8, contiguous: the one-hot needs no copy
+        onehot = (block == torch.from_numpy(classes.astype(np.uint8)).view(1, -1, 1, 1)).float()
+        probs = _sample(onehot, rows, cols, (a0, b0), "bilinear", "zeros")  # (B, len(classes), U, V)
         # max(dim=1).indices: the same first-maximum argmax, several times faster on CPU than argmax(dim=1)
-        out[:, :, k0 : k0 + _CHUNK] = probs.max(dim=1).indices.permute(1, 2, 0).to(torch.uint8).numpy()
+        best = probs.max(dim=1).indices.permute(1, 2, 0).numpy()
+        out[:, :, k0 : k0 + step] = classes.astype(np.uint8)[best]
     return out
 
 
