@@ -40,11 +40,11 @@ def main() -> None:
     model = LoadedModel(net, spacing, device)
     native = LoadedModel(net, {"spacing": {"context_mm": train.context_mm}}, device)
     settings = [
-        (f"{train.spacing_mm} mm, batch 8 (default)", model, RefineConfig(batch_size=8)),
+        (f"{train.spacing_mm} mm (default)", model, RefineConfig()),
         (f"{train.spacing_mm} mm, batch 2", model, RefineConfig(batch_size=2)),
         (f"{train.spacing_mm} mm, batch 16", model, RefineConfig(batch_size=16)),
         (f"{train.spacing_mm} mm, guards off", model, RefineConfig(guards=GuardConfig.off())),
-        ("native spacing, batch 8", native, RefineConfig(batch_size=8)),
+        ("native spacing", native, RefineConfig()),
     ]
     rows = []
     for name, mod, config in settings:

@@ -83,9 +83,9 @@ def measure_refine(shape: tuple[int, int, int], device: str, cache: Path, batch_
     refine_labels(labels, affine, model, config=RefineConfig(batch_size=batch_size))
     seconds = time.perf_counter() - t0
     peak = _peak_mb(str(model.device))
+    extra = round(peak - before, 1) if model.device.type == "cpu" else None  # on a GPU peak is CUDA memory
     return {"refine_s": round(seconds, 2), "slices_per_s": round(shape[2] / seconds, 2),
-            "peak_mem_mb": round(peak, 1), "refine_extra_mb": round(peak - before, 1) if device != "cuda" else None,
-            "device": str(model.device)}
+            "peak_mem_mb": round(peak, 1), "refine_extra_mb": extra, "device": str(model.device)}
 
 
 def measure_base_model(shape: tuple[int, int, int], device: str, cache: Path) -> dict:

@@ -8,7 +8,7 @@ epoch's batches alone, a crop at the edge of a volume against one at its centre,
 the demo preset (60 steps of 16 crops) with the default and with channels-last activations, the first
 epoch of each not counted (warm-up).
 
-    python benchmarks/train_speed.py [--epochs 3] [--cases 15] [--out DIR]   # writes DIR/train_speed.json
+    python benchmarks/train_speed.py [--epochs 3] [--cases 15] [--steps N] [--out DIR]   # writes DIR/train_speed.json
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def _pairs(cases: int, config) -> list:
     return fit + _simulated_pairs(fit, config.simulated_pairs, config.errors, config.seed)
 
 
-def measure(epochs: int, cases: int) -> dict:
-    """Seconds per epoch, per batch drawn, per crop at an edge and at the centre (demo preset, CPU)."""
+def measure(epochs: int, cases: int, steps: int | None = None) -> dict:
+    """Seconds per epoch, per batch drawn, per crop at an edge and at the centre (demo preset, CPU;
+    ``steps`` per epoch instead of the preset's, for a smoke run)."""
     import torch
     from refnet.losses import RefNetLoss
     from refnet.model import RefNet
@@ -47,6 +48,8 @@ def measure(epochs: int, cases: int) -> dict:
     from refnet.train import _OPTIMIZERS, _crop, _run_epoch, _Sampler, sample_batch
 
     config = replace(DemoConfig().train, device="cpu")
+    if steps is not None:
+        config = replace(config, steps_per_epoch=steps)
     fit = _pairs(cases, config)
     sampler = _Sampler(fit, config.error_fraction)
     rng = np.random.default_rng(0)
@@ -88,9 +91,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
     parser.add_argument("--cases", type=int, default=15, help="phantom cases (the demo trains on 15)")
+    parser.add_argument("--steps", type=int, help="steps per epoch (default: the demo preset's 60)")
     parser.add_argument("--out", default=str(Path(__file__).parent), help="folder for train_speed.json")
     args = parser.parse_args()
-    row = measure(args.epochs, args.cases)
+    row = measure(args.epochs, args.cases, args.steps)
     out = Path(args.out) / "train_speed.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(row, indent=2) + "\n")
