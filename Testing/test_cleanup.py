@@ -37,3 +37,28 @@ def test_a_step_is_kept_only_for_classes_it_helps():
     assert plan == {6: ["largest_component", "fill_holes"]}
     assert np.array_equal(apply_cleanup(pred, plan), truth)
     assert choose_cleanup([truth], [truth]) == {}  # nothing to gain on a correct map
+
+
+def test_cleanup_no_harm_benchmark_flags_the_two_piece_adrenal_class(tmp_path):
+    """benchmarks/cleanup_no_harm.py on a made-up FLARE22-numbered map: both adrenals share one RefNet class,
+    so keeping the largest component deletes a correct gland (below the bar); a one-piece liver is untouched."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from refnet.io import save_volume
+
+    lab = np.zeros((30, 30, 12), np.uint8)
+    lab[4:14, 4:14, 2:10] = 1  # liver
+    lab[20:23, 5:8, 4:7] = 7  # right adrenal
+    lab[20:23, 22:25, 4:8] = 8  # left adrenal, a little larger
+    (tmp_path / "flare22").mkdir()
+    save_volume(tmp_path / "flare22" / "FLARE22_Tr_0001.nii.gz", lab, np.eye(4))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cleanup_no_harm.py"
+    subprocess.run([sys.executable, str(script), "--real-dir", str(tmp_path), "--out", str(tmp_path / "c.json")],
+                   check=True, capture_output=True, text=True, timeout=300)
+    summary = json.loads((tmp_path / "c.json").read_text())["summary"]
+    adrenal = summary["largest_component"]["Adrenal glands"]
+    assert not adrenal["passes"] and adrenal["worst_dice"] == pytest.approx(2 * 36 / (36 + 36 + 27), abs=1e-4)
+    assert summary["largest_component"]["Liver"] == {"maps": 1, "changed_maps": 0, "worst_dice": 1.0, "passes": True}
