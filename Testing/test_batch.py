@@ -19,7 +19,7 @@ from refnet.checkpoint import GUARD_DEFAULTS, load_model
 from refnet.guards import GUARD_NAMES, GuardConfig
 from refnet.io import load_volume, save_volume
 
-from .conftest import make_model_file
+from .conftest import TEST_MODEL_GUARDS, make_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "RefNetSegmentRefine" / "Scripts" / "RefNetBatchRefine.py"
@@ -139,7 +139,8 @@ def test_guard_options_build_the_guard_config(tmp_path, extra, expected):
 def test_guard_settings_resolve_the_model_values(model_file):
     model = load_model(model_file)
     assert batch.guard_settings(GuardConfig(band=False, threshold=0.8), model) == {
-        **dict.fromkeys(GUARD_NAMES, True), "band": False, "band_mm": GUARD_DEFAULTS["band_mm"], "threshold": 0.8}
+        **dict.fromkeys(GUARD_NAMES, True), "band": False, "band_mm": GUARD_DEFAULTS["band_mm"], "threshold": 0.8,
+        **TEST_MODEL_GUARDS}
     assert batch.guard_settings(GuardConfig())["band_mm"] is None  # no model: left to the model file
 
 
@@ -251,7 +252,7 @@ def test_main_refines_then_resumes(tmp_path, model_file, caplog):
     assert "2 done, 0 skipped" in caplog.text
     assert "Guards held back (voxels, cases refined now): absent classes 0, class check 0" in caplog.text
     first = _summary(tmp_path / "out")
-    assert first["guards"] == {**dict.fromkeys(GUARD_NAMES, True), **GUARD_DEFAULTS}
+    assert first["guards"] == {**dict.fromkeys(GUARD_NAMES, True), **GUARD_DEFAULTS, **TEST_MODEL_GUARDS}
     for entry in first["cases"]:
         assert entry["status"] == "done" and entry["reason"] is None and entry["guards"] == first["guards"]
         assert set(entry["report"]["held_back"]) == set(GUARD_NAMES) and entry["report"]["held_back"]["band"] > 0
@@ -284,7 +285,8 @@ def test_main_passes_disabled_guards_to_every_case(tmp_path, model_file):
     assert batch.main(argv) == 0
     (entry,) = _summary(tmp_path / "out")["cases"]
     assert entry["guards"] == {**dict.fromkeys(GUARD_NAMES, True), "band": False, "new_components": False,
-                               "band_mm": GUARD_DEFAULTS["band_mm"], "threshold": 0.55}
+                               "band_mm": GUARD_DEFAULTS["band_mm"], "threshold": 0.55,
+                               **TEST_MODEL_GUARDS}
     assert entry["report"]["held_back"]["band"] == 0
     from refnet.refine import RefineConfig
 

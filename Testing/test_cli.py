@@ -10,7 +10,7 @@ from refnet.guards import GUARD_NAMES, GuardConfig
 from refnet.io import load_volume, save_volume
 from refnet.model import RefNet, RefNetConfig
 
-from .conftest import make_model_file
+from .conftest import TEST_MODEL_GUARDS, make_model_file
 
 AFFINE = np.diag([-0.9, -0.9, 3.0, 1.0])
 
@@ -70,7 +70,8 @@ def test_refine_prints_the_report_and_writes_it_as_json(case, capsys):
     assert set(report["held_back"]) == set(GUARD_NAMES)
     assert report["held_back"]["band"] > 0  # the tiny model grows the liver beyond the band
     assert report["changed"]["Liver"][0] > 0
-    assert report["guards"] == {**dict.fromkeys(GUARD_NAMES, True), **GUARD_DEFAULTS}  # the model's values, resolved
+    # the model file's values, resolved
+    assert report["guards"] == {**dict.fromkeys(GUARD_NAMES, True), **GUARD_DEFAULTS, **TEST_MODEL_GUARDS}
     assert "Changed voxels per class: " in out and "Liver +" in out
     held = ", ".join(f"{name.replace('_', ' ')} {report['held_back'][name]}" for name in GUARD_NAMES)
     assert f"Guards held back (voxels): {held}." in out

@@ -88,9 +88,7 @@ def test_base_models_train_under_torchrun_and_the_first_process_predicts(tmp_pat
     assert record["folds"] == 2 and set(record["predicted_by"].values()) == {"unet-s0-2", "unet-s0-2-fold0",
                                                                               "unet-s0-2-fold1"}
     assert (tmp_path / "two" / "segmenters" / "unet-s0-2-fold1.pt").exists()
-    # Not compared with one process: the base models' DiceCE computes Dice over the batch (batch=True), which
-    # each process sees only half of, and AdamW's first steps move every weight by about the learning rate
-    # whatever the gradient's size, so two short runs differ by as much as they move.
+    # The losses against one process: test_base_model_losses_match_one_process_with_the_same_global_batch.
     load_segmenter(tmp_path / "two" / "segmenters" / "unet-s0-2.pt")
 
 
@@ -118,3 +116,18 @@ def test_a_killed_job_resumes_from_its_last_checkpoint(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
     assert epochs[-2:] == [done + 1, done + 2] and epochs[:done] == list(range(1, done + 1))
+
+
+def test_base_model_losses_match_one_process_with_the_same_global_batch(tmp_path):
+    # BatchDiceCELoss sums the Dice terms across the processes, so two processes compute the loss (and,
+    # through DDP's averaging, the gradient) of the whole batch; before it, each took the Dice of its half.
+    job = Path(__file__).resolve().parent / "ddp_segmenter_job.py"
+    single = _run([sys.executable, str(job), str(tmp_path / "one.json")])
+    assert single.returncode == 0, single.stderr[-3000:]
+    ddp = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(job),
+                str(tmp_path / "two.json")])
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert len(one) == len(two) == 4
+    assert one[0] == pytest.approx(two[0], rel=1e-5)  # the same weights and batch: the same loss
+    assert one == pytest.approx(two, rel=1e-3)  # and the same steps after it (float rounding apart)

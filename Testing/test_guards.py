@@ -34,6 +34,8 @@ def _biased_model(tmp_path, cls, bias=5.0, **meta):
     net = RefNet(RefNetConfig(features=TINY_FEATURES))
     with torch.no_grad():
         net.unet.final_conv.bias[cls] = bias
+    # a liver grown far beyond half its volume: allowed here so the other guards have work (volume guard: below)
+    meta["guards"] = {"max_volume_change": 1e6, **meta.get("guards", {})}
     return load_model(save_model(tmp_path / f"bias{cls}.pt", net, metadata={**SPACING_META, **meta}))
 
 
@@ -206,3 +208,49 @@ def test_band_guard_unit_leaves_input_alone():
     refined[9, 9, 1] = 6
     out, held = limit_to_band(raw, refined, (1.0, 1.0, 1.0), 2.0)
     assert held == 1 and out[9, 9, 1] == 0 and refined[9, 9, 1] == 6
+
+
+def test_volume_guard_unit_keeps_an_organ_that_would_be_halved_or_doubled():
+    from refnet.guards import limit_volume_change
+
+    raw = np.zeros((20, 20, 40), np.uint8)
+    raw[2:10, 2:10, 2:38] = 6  # liver, 2304 voxels
+    raw[12:16, 12:16, 5:9] = 12  # adrenal, 64 voxels
+    refined = raw.copy()
+    refined[2:10, 2:10, 30:38] = 0  # liver loses 22%: allowed at 0.5
+    refined[12:17, 11:17, 4:10] = 12  # adrenal grows to 180 voxels (+181%): undone
+    out, held = limit_volume_change(raw, refined, 0.5)
+    np.testing.assert_array_equal(out == 6, refined == 6)
+    np.testing.assert_array_equal(out == 12, raw == 12)
+    assert held == 180 - 64
+    strict, _ = limit_volume_change(raw, refined, 0.1)  # at 0.1 the liver's 22% is too much as well
+    np.testing.assert_array_equal(strict, raw)
+
+
+def test_volume_guard_in_refinement_and_its_override(tmp_path):
+    model = _biased_model(tmp_path, cls=6, guards={"max_volume_change": 0.5})  # grows the liver a lot
+    lab = _anatomy()
+    free = refine_volume(lab, _affine(1.0), model, config=RefineConfig(guards=GuardConfig(volume_change=False)))
+    grown = ((free.labels == 6).sum() - (lab == 6).sum()) / (lab == 6).sum()
+    assert grown > 0.5  # without the guard the liver grows by more than half
+    guarded = refine_volume(lab, _affine(1.0), model)
+    np.testing.assert_array_equal(guarded.labels == 6, lab == 6)
+    assert guarded.report.held_back["volume_change"] > 0
+    loose = refine_volume(lab, _affine(1.0), model, config=RefineConfig(guards=GuardConfig(max_volume_change=100.0)))
+    assert (loose.labels == 6).sum() > (lab == 6).sum() and loose.report.held_back["volume_change"] == 0
+
+
+def test_max_volume_change_option(tmp_path):
+    from refnet.batch import guard_config
+    from refnet.cli import _parser
+
+    args = _parser().parse_args(["refine", "--labels", "a.nii.gz", "--out", "b.nii.gz", "--max-volume-change", "0.3"])
+    assert guard_config(args).max_volume_change == 0.3
+    off = _parser().parse_args(["refine", "--labels", "a.nii.gz", "--out", "b.nii.gz", "--max-volume-change", "0.3",
+                                "--disable-guard", "volume_change"])
+    with pytest.raises(ValueError, match="--max-volume-change sets the volume_change guard"):
+        guard_config(off)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["refine", "--labels", "a.nii.gz", "--out", "b.nii.gz", "--max-volume-change", "0"])
+    with pytest.raises(ValueError, match="max_volume_change must be > 0"):
+        GuardConfig(max_volume_change=-1.0)

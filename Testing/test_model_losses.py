@@ -101,3 +101,19 @@ def test_loss_shape_check():
     with pytest.raises(ValueError, match=r"expected logits \(B, C, H, W\)"):
         RefNetLoss()(torch.zeros(1, 3, 4, 4), torch.zeros(1, 4, 5, dtype=torch.long),
                      torch.zeros(1, 4, 5, dtype=torch.long))
+
+
+def test_batch_dice_ce_is_monais_loss_and_its_sharded_form_the_same_numbers():
+    from monai.losses import DiceCELoss
+    from refnet.losses import BatchDiceCELoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 13, 6, 7, 5, requires_grad=True)
+    target = torch.randint(0, 13, (4, 1, 6, 7, 5))
+    expected = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)(logits, target)
+    assert torch.equal(BatchDiceCELoss(1)(logits, target), expected)  # one process: MONAI's loss itself
+    sharded = BatchDiceCELoss(2).sharded(logits, target, all_reduce=lambda t: t)  # the whole batch as one share
+    assert float(sharded.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    grad_monai, = torch.autograd.grad(expected, logits)
+    grad_sharded, = torch.autograd.grad(sharded, logits)
+    torch.testing.assert_close(grad_sharded, grad_monai)

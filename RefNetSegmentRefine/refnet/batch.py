@@ -455,6 +455,16 @@ def _probability(text: str) -> float:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a fraction of the organ's volume (e.g. 0.5), got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a fraction > 0 of the organ's volume (e.g. 0.5), got {text}")
+    return value
+
+
 def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the guard options shared by ``refnet refine`` and the batch command lines.
 
@@ -470,6 +480,9 @@ def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--threshold", type=_probability, default=None, metavar="P",
                        help="confidence guard: change a voxel only where the net's probability >= P "
                             "(default: the model's)")
+    group.add_argument("--max-volume-change", type=_fraction, default=None, metavar="F",
+                       help="volume guard: an organ whose volume would change by more than F (a fraction of it) "
+                            "keeps its input mask (default: the model's, 0.5)")
 
 
 def guard_config(args: argparse.Namespace) -> GuardConfig:
@@ -481,11 +494,12 @@ def guard_config(args: argparse.Namespace) -> GuardConfig:
     off = set(args.disable_guard or ())
     if DISABLE_ALL in off:
         off = set(GUARD_NAMES)
-    for option, guard, value in (("--band-mm", "band", args.band_mm), ("--threshold", "confidence", args.threshold)):
+    for option, guard, value in (("--band-mm", "band", args.band_mm), ("--threshold", "confidence", args.threshold),
+                                 ("--max-volume-change", "volume_change", getattr(args, "max_volume_change", None))):
         if value is not None and guard in off:
             raise ValueError(f"{option} sets the {guard} guard, which --disable-guard turns off; drop one of them.")
     return GuardConfig(**{name: name not in off for name in GUARD_NAMES}, band_mm=args.band_mm,
-                       threshold=args.threshold)
+                       threshold=args.threshold, max_volume_change=getattr(args, "max_volume_change", None))
 
 
 def guard_settings(guards: GuardConfig, model: LoadedModel | None = None) -> dict[str, Any]:
@@ -497,7 +511,7 @@ def guard_settings(guards: GuardConfig, model: LoadedModel | None = None) -> dic
     """
     settings = dataclasses.asdict(guards)
     if model is not None:
-        for name in ("band_mm", "threshold"):
+        for name in ("band_mm", "threshold", "max_volume_change"):
             settings[name] = model.guard_setting(name, guards)
     return settings
 

@@ -21,7 +21,9 @@ __all__ = ["GUARD_DEFAULTS", "MODEL_FORMAT", "LoadedModel", "default_model_path"
            "save_model"]
 
 MODEL_FORMAT = "refnet-model/1"
-GUARD_DEFAULTS = {"band_mm": 6.0, "threshold": 0.5}  # for model files that do not record their own
+# for model files that do not record their own; max_volume_change 0.5 was set a priori (an organ may not be
+# halved or grown by half), not tuned on any result
+GUARD_DEFAULTS = {"band_mm": 6.0, "threshold": 0.5, "max_volume_change": 0.5}
 _DEFAULT_MODEL = Path(__file__).resolve().parent / "weights" / "refnet_phantom.pt"
 
 
@@ -86,7 +88,8 @@ class LoadedModel:
         return [self.guard_setting("threshold", guards)] * NUM_CLASSES
 
     def guard_setting(self, name: str, guards: Any = None) -> float:
-        """``band_mm`` or ``threshold``: the caller's override, else the model file's, else the default."""
+        """``band_mm``, ``threshold`` or ``max_volume_change``: the caller's override, else the model file's,
+        else the default."""
         override = getattr(guards, name, None) if guards is not None else None
         if override is not None:
             return float(override)

@@ -20,11 +20,12 @@ __all__ = [
     "keep_classes",
     "limit_to_band",
     "limit_to_confident",
+    "limit_volume_change",
     "new_pieces",
     "remove_new_components",
 ]
 
-GUARD_NAMES = ("absent_classes", "class_check", "confidence", "band", "new_components")
+GUARD_NAMES = ("absent_classes", "class_check", "confidence", "band", "new_components", "volume_change")
 
 
 @dataclass(frozen=True)
@@ -36,12 +37,16 @@ class GuardConfig:
     confidence: bool = True  # change a voxel only where the net's probability >= threshold
     band: bool = True  # change only voxels within band_mm of an input boundary
     new_components: bool = True  # never create a new disconnected piece of an organ
+    volume_change: bool = True  # an organ whose volume would change by more than max_volume_change keeps its mask
     band_mm: float | None = None  # width of the band; None: the model file's value
     threshold: float | None = None  # probability threshold; None: the model file's value
+    max_volume_change: float | None = None  # relative volume change allowed per organ; None: the model file's
 
     def __post_init__(self) -> None:
         if self.band_mm is not None and self.band_mm < 0:
             raise ValueError(f"band_mm must be >= 0, got {self.band_mm}.")
+        if self.max_volume_change is not None and not self.max_volume_change > 0:
+            raise ValueError(f"max_volume_change must be > 0 (a fraction of the organ), got {self.max_volume_change}.")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {self.threshold}.")
 
@@ -194,3 +199,27 @@ def remove_new_components(raw: np.ndarray, refined: np.ndarray) -> tuple[np.ndar
             out[box], count = _revert(raw[box], out[box], new)
             held += count
     return out, held
+
+
+def limit_volume_change(raw: np.ndarray, refined: np.ndarray, max_fraction: float,
+                        num_classes: int = 13) -> tuple[np.ndarray, int]:
+    """Undo every change of an organ whose volume would change by more than ``max_fraction`` of its raw volume.
+
+    A refiner that deletes half of a pancreas or doubles the adrenals (both seen on real CT before the
+    guards) does harm however confident it is; refinement corrects boundaries, it does not redraw organs.
+    Such an organ keeps its raw mask: the voxels it would gain or lose go back. Background is not judged.
+
+    Args:
+        max_fraction: e.g. 0.5: an organ may shrink to half or grow by half, no more.
+    """
+    before = np.zeros(num_classes, dtype=np.int64)
+    after = np.zeros(num_classes, dtype=np.int64)
+    for k in range(0, max(1, raw.shape[-1]), _SLAB):  # counted slab by slab: no int64 copy of the volume
+        part = (Ellipsis, slice(k, k + _SLAB))
+        before += np.bincount(raw[part].ravel(), minlength=num_classes)[:num_classes]
+        after += np.bincount(refined[part].ravel(), minlength=num_classes)[:num_classes]
+    too_much = np.abs(after - before) > max_fraction * before
+    too_much[0] = False
+    if not too_much.any():
+        return refined.copy(), 0
+    return _slabwise(raw, refined, lambda a, b: too_much[a] | too_much[b])

@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from monai.losses import DiceLoss
+from monai.losses import DiceCELoss, DiceLoss
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["RefNetLoss"]
+__all__ = ["BatchDiceCELoss", "RefNetLoss"]
 
 
 class RefNetLoss(nn.Module):
@@ -71,3 +71,48 @@ class RefNetLoss(nn.Module):
         """Weighted sum of :meth:`terms`; shapes as there."""
         t = self.terms(logits, target, raw)
         return t["ce_gt"] + self.dice_weight * t["dice_gt"] + self.raw_weight * t["ce_raw"]
+
+
+class BatchDiceCELoss(nn.Module):
+    """MONAI's ``DiceCELoss(to_onehot_y=True, softmax=True, batch=True)`` for the base models, exact under
+    DistributedDataParallel too.
+
+    With ``batch=True`` the Dice sums run over the whole batch; under torchrun each process holds only
+    its share, so the per-process loss would be another loss. Here, with ``world > 1``, the per-class sums
+    (intersection, ground truth, prediction) are summed across processes with the autograd-aware
+    ``torch.distributed.nn.functional.all_reduce``: every process computes the whole batch's Dice, and the
+    gradients DDP averages equal one process's on the whole batch (the cross-entropy is a mean over equal
+    shares, which DDP's averaging already makes global). With one process it is MONAI's loss itself.
+
+    Args:
+        world: number of processes sharing each batch.
+    """
+
+    def __init__(self, world: int = 1) -> None:
+        super().__init__()
+        self.world = int(world)
+        self.monai = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``logits`` (B, C, ...) and ``target`` (B, 1, ...) class indices; returns the scalar loss."""
+        if self.world == 1:
+            return self.monai(logits, target)
+        return self.sharded(logits, target, all_reduce=_all_reduce_sum)
+
+    def sharded(self, logits: torch.Tensor, target: torch.Tensor, *, all_reduce) -> torch.Tensor:
+        """The loss from this process's share, given how to sum tensors across processes (same formula as
+        MONAI: Dice 1 - (2 I + 1e-5) / (G + P + 1e-5) per class, averaged, plus the mean cross-entropy)."""
+        dice = self.monai.dice
+        ce = F.cross_entropy(logits, target[:, 0].long())
+        probs = torch.softmax(logits, dim=1)
+        onehot = F.one_hot(target[:, 0].long(), logits.shape[1]).movedim(-1, 1).to(probs.dtype)
+        dims = [0, *range(2, logits.ndim)]
+        sums = all_reduce(torch.stack([(probs * onehot).sum(dims), onehot.sum(dims), probs.sum(dims)]))
+        score = 1.0 - (2.0 * sums[0] + dice.smooth_nr) / (sums[1] + sums[2] + dice.smooth_dr)
+        return self.monai.lambda_dice * score.mean() + self.monai.lambda_ce * ce
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t)

@@ -26,7 +26,15 @@ import torch
 
 from .checkpoint import LoadedModel
 from .geometry import canonical_affine, check_affine, to_canonical
-from .guards import GUARD_NAMES, GuardConfig, keep_classes, limit_to_band, limit_to_confident, remove_new_components
+from .guards import (
+    GUARD_NAMES,
+    GuardConfig,
+    keep_classes,
+    limit_to_band,
+    limit_to_confident,
+    limit_volume_change,
+    remove_new_components,
+)
 from .labels import CLASS_NAMES, check_class_labels
 from .spacing import InPlaneGrid, context_offsets, resample_image, resample_labels, to_native, voxel_spacing
 
@@ -469,6 +477,9 @@ def apply_guards(proposal: Proposal, model: LoadedModel, guards: GuardConfig | N
         out, held["band"] = limit_to_band(raw, out, proposal.spacing, model.guard_setting("band_mm", guards))
     if guards.new_components:
         out, held["new_components"] = remove_new_components(raw, out)
+    if guards.volume_change:
+        out, held["volume_change"] = limit_volume_change(raw, out, model.guard_setting("max_volume_change", guards),
+                                                         model.config.num_classes)
     return out, held
 
 

@@ -23,13 +23,13 @@ from typing import Any
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
-from monai.losses import DiceCELoss
 from torch import nn
 
 from .device import resolve_device
 from .geometry import check_affine
 from .io import load_volume, save_volume
 from .labels import NUM_CLASSES, check_class_labels, to_class_labels
+from .losses import BatchDiceCELoss
 from .refine import window_ct as _window_level_width
 
 __all__ = [
@@ -291,7 +291,7 @@ def train_segmenter(
         from torch.nn.parallel import DistributedDataParallel
 
         trained = DistributedDataParallel(net, device_ids=[dev.index] if dev.type == "cuda" else None)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
+    loss_fn = BatchDiceCELoss(ctx.world)  # the whole batch's Dice in every process (exact under torchrun)
     optimiser = torch.optim.AdamW(net.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: (1 - s / config.steps) ** 0.9)
     steps: Any = range(config.steps)
@@ -310,8 +310,8 @@ def train_segmenter(
         optimiser.step()
         schedule.step()
         value = float(loss.detach())
-        if on_step is not None:
-            on_step(step, value)
+        if on_step is not None:  # under torchrun: the whole batch's loss, what one process would report
+            on_step(step, ctx.all_mean({"loss": value}, dev)["loss"] if ctx.world > 1 else value)
         if step % 50 == 0 or step == config.steps - 1:
             logger.debug("%s step %d/%d loss %.4f", config.name, step + 1, config.steps, value)
     logger.info("%s: %d steps on %d cases in %.0f s, last loss %.3f", config.name, config.steps, len(data),
