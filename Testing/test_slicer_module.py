@@ -201,7 +201,7 @@ def test_guards_off_gives_the_unguarded_core_refinement(M, slicer, model_file):
     assert free.changes.sum() > guarded.changes.sum()
     assert free.refineReport.held_back == dict.fromkeys(GUARD_NAMES, 0)
     assert ("Guards held back (voxels): absent classes off, class check off, confidence off, band off, "
-            "new components off.") in free.report
+            "new components off, volume change off.") in free.report
 
 
 def test_ct_model_gets_the_ct_in_ijk_order(M, slicer, tmp_path):

@@ -63,11 +63,19 @@ def _rss_mb() -> float:
 
 
 def _peak_mb(device: str) -> float:
+    """Peak memory of this process: CUDA memory allocated on a GPU, else the resident set's high-water mark.
+
+    VmHWM from /proc, not ``getrusage``'s ru_maxrss: Linux carries ru_maxrss across exec, so a child would
+    report its parent's peak (here the phantom generation's) whenever that was higher.
+    """
     import torch
 
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the best there is
 
 
 def measure_refine(shape: tuple[int, int, int], device: str, cache: Path, batch_size: int | None = None) -> dict:
