@@ -34,10 +34,10 @@ def child(out: Path, threads: int, epochs: int, cases: int) -> None:
 
     config = replace(DemoConfig().train, device="cpu", val_cases=0, epochs=epochs, simulated_pairs=0)
     pairs = _pairs(cases, config)
-    with tempfile.TemporaryDirectory() as work:
-        t0 = time.perf_counter()
-        train_refnet(pairs, config, work_dir=work)
-        seconds = time.perf_counter() - t0
+    work = out.parent / f"{out.stem}_work"  # one folder for every process of the run: the model file is shared
+    t0 = time.perf_counter()
+    train_refnet(pairs, config, work_dir=work)
+    seconds = time.perf_counter() - t0
     if os.environ.get("RANK", "0") == "0":
         out.write_text(json.dumps({"seconds": seconds, "epoch_s": seconds / epochs}))
 
@@ -64,13 +64,13 @@ def main() -> int:
     me = [__file__, "--epochs", str(args.epochs), "--cases", str(args.cases)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, launcher, threads in (
+        for n, (name, launcher, threads) in enumerate((
             (f"1 process, {cores} threads", [sys.executable], cores),
             ("1 process, 1 thread", [sys.executable], 1),
             (f"{args.processes} processes (torchrun), 1 thread each",
              [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.processes}"], 1),
-        ):
-            out = Path(tmp) / "t.json"
+        )):
+            out = Path(tmp) / f"run{n}.json"
             epoch_s = _run([*launcher, *me, "--child", str(out), str(threads)], out)
             rows.append({"setting": name, "epoch_s": round(epoch_s, 2)})
             print(json.dumps(rows[-1]), flush=True)
