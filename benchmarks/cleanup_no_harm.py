@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 from refnet.cleanup import CLEANUP_STEPS, clean_class
+from refnet.guards import labelled_extent
 from refnet.io import load_volume
 from refnet.labels import CLASS_NAMES, NUM_CLASSES, to_class_labels
-from refnet.refine import labelled_extent
 
 REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_labels"
 BAR = 0.995  # the no-harm bar of a real map (benchmarks/no_harm.py)

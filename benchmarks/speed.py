@@ -54,12 +54,19 @@ def _volume(shape: tuple[int, int, int], cache: Path, what: str = "labels") -> t
     return out, data["affine"]
 
 
-def _rss_mb() -> float:
-    """Resident memory now (Linux /proc), in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+def _status_mb(key: str) -> float | None:
+    """A memory line of Linux's /proc/self/status (``VmRSS``, ``VmHWM``) in MB; None elsewhere."""
+    status = Path("/proc/self/status")
+    for line in status.read_text().splitlines() if status.exists() else ():
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024
-    return float("nan")
+    return None
+
+
+def _rss_mb() -> float:
+    """Resident memory now, in MB."""
+    rss = _status_mb("VmRSS")
+    return float("nan") if rss is None else rss
 
 
 def _peak_mb(device: str) -> float:
@@ -72,10 +79,8 @@ def _peak_mb(device: str) -> float:
 
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: the best there is
+    peak = _status_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
 
 
 def measure_refine(shape: tuple[int, int, int], device: str, cache: Path, batch_size: int | None = None) -> dict:

@@ -17,7 +17,9 @@ from scipy import ndimage
 __all__ = [
     "GUARD_NAMES",
     "GuardConfig",
+    "class_counts",
     "keep_classes",
+    "labelled_extent",
     "limit_to_band",
     "limit_to_confident",
     "limit_volume_change",
@@ -57,6 +59,25 @@ class GuardConfig:
 
 
 _SLAB = 32  # slices per step of the voxel-wise guards: their temporaries then follow a slab, not the volume
+
+
+def labelled_extent(labels: np.ndarray) -> list[tuple[int, int]]:
+    """``[lo, hi)`` per axis of the nonzero voxels, from per-axis projections: no index arrays (np.nonzero
+    would hold 24 bytes per labelled voxel)."""
+    out = []
+    for axis in range(labels.ndim):
+        hit = np.flatnonzero(np.any(labels, axis=tuple(a for a in range(labels.ndim) if a != axis)))
+        out.append((int(hit[0]), int(hit[-1]) + 1))
+    return out
+
+
+def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes,) int64 voxels per class, counted slab by slab (np.bincount would widen the whole
+    volume to int64 at once)."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for k in range(0, max(1, labels.shape[-1]), _SLAB):
+        counts += np.bincount(labels[..., k : k + _SLAB].ravel(), minlength=num_classes)[:num_classes]
+    return counts
 
 
 def _revert(raw: np.ndarray, refined: np.ndarray, undo: np.ndarray) -> tuple[np.ndarray, int]:
@@ -137,9 +158,7 @@ def limit_to_band(raw: np.ndarray, refined: np.ndarray, spacing: Sequence[float]
     if not changed.any():
         return refined.copy(), 0
     pad = [int(np.ceil(band_mm / s)) + 1 for s in spacing]
-    extent = [np.flatnonzero(np.any(changed, axis=tuple(a for a in range(raw.ndim) if a != axis)))
-              for axis in range(raw.ndim)]
-    box = [slice(max(0, int(i[0]) - p), min(n, int(i[-1]) + 1 + p)) for i, p, n in zip(extent, pad, raw.shape)]
+    box = [slice(max(0, lo - p), min(n, hi + p)) for (lo, hi), p, n in zip(labelled_extent(changed), pad, raw.shape)]
     far = np.ones(raw.shape, dtype=bool)
     last = box[-1]
     for k0 in range(last.start, last.stop, _SLAB):
@@ -212,12 +231,7 @@ def limit_volume_change(raw: np.ndarray, refined: np.ndarray, max_fraction: floa
     Args:
         max_fraction: e.g. 0.5: an organ may shrink to half or grow by half, no more.
     """
-    before = np.zeros(num_classes, dtype=np.int64)
-    after = np.zeros(num_classes, dtype=np.int64)
-    for k in range(0, max(1, raw.shape[-1]), _SLAB):  # counted slab by slab: no int64 copy of the volume
-        part = (Ellipsis, slice(k, k + _SLAB))
-        before += np.bincount(raw[part].ravel(), minlength=num_classes)[:num_classes]
-        after += np.bincount(refined[part].ravel(), minlength=num_classes)[:num_classes]
+    before, after = class_counts(raw, num_classes), class_counts(refined, num_classes)
     too_much = np.abs(after - before) > max_fraction * before
     too_much[0] = False
     if not too_much.any():

@@ -29,7 +29,9 @@ from .geometry import canonical_affine, check_affine, to_canonical
 from .guards import (
     GUARD_NAMES,
     GuardConfig,
+    class_counts,
     keep_classes,
+    labelled_extent,
     limit_to_band,
     limit_to_confident,
     limit_volume_change,
@@ -248,23 +250,9 @@ def _check_inputs(labels: np.ndarray, ct: np.ndarray | None, model: LoadedModel)
 _ALIGN = 16  # BasicUNet halves the image 4 times
 
 
-def labelled_extent(labels: np.ndarray) -> list[tuple[int, int]]:
-    """``[lo, hi)`` per axis of the nonzero voxels, from per-axis projections: no index arrays (np.nonzero
-    would hold 24 bytes per labelled voxel)."""
-    out = []
-    for axis in range(labels.ndim):
-        hit = np.flatnonzero(np.any(labels, axis=tuple(a for a in range(labels.ndim) if a != axis)))
-        out.append((int(hit[0]), int(hit[-1]) + 1))
-    return out
-
-
-def present_classes(labels: np.ndarray, num_classes: int, chunk: int = 16) -> np.ndarray:
-    """(num_classes,) bool: classes that occur, counted slab by slab (np.bincount would widen the whole
-    volume to int64 at once)."""
-    found = np.zeros(num_classes, dtype=bool)
-    for k in range(0, labels.shape[-1], chunk):
-        found |= np.bincount(labels[..., k : k + chunk].ravel(), minlength=num_classes)[:num_classes] > 0
-    return found
+def present_classes(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes,) bool: classes that occur in ``labels`` (counted slab by slab)."""
+    return class_counts(labels, num_classes) > 0
 
 
 @dataclass(frozen=True)
@@ -345,13 +333,15 @@ def propose(canon: np.ndarray, spacing, model: LoadedModel, *, ct: np.ndarray | 
     for start in range(box[2].start, box[2].stop, batch):
         centres = np.arange(start, min(box[2].stop, start + batch))
         # each slice the batch reads is embedded once and gathered into every slab it serves
-        idx = np.clip(centres[:, None] + plan.offsets[None, :], 0, canon.shape[2] - 1) - z0  # (B, S)
+        # (B, S) work-volume slices of each slab, clamped at the edges as label_slab does
+        idx = np.clip(centres[:, None] - z0 + plan.offsets[None, :], 0, work.shape[2] - 1)
         needed, index = np.unique(idx, return_inverse=True)
+        index = index.reshape(idx.shape)
         slices = np.moveaxis(work[:, :, needed], 2, 0)  # (N, U, V) uint8
         ct_slab = None if work_ct is None else label_slab(work_ct, centres - z0, [0])
-        probs = _probabilities(model, slices, index.reshape(idx.shape), ct_slab, precision, unet)  # (B, C, U, V)
+        probs = _probabilities(model, slices, index, ct_slab, precision, unet)  # (B, C, U, V)
         k = slice(start - box[2].start, centres[-1] + 1 - box[2].start)
-        centre = torch.as_tensor(slices[index.reshape(idx.shape)[:, idx.shape[1] // 2]]).to(probs.device)
+        centre = torch.as_tensor(slices[index[:, idx.shape[1] // 2]]).to(probs.device)
         absent_held += _to_box(probs, keep, centre, plan, raw[:, :, k], candidate[:, :, k], confidence[:, :, k])
         if progress is not None and progress(int(centres[-1] + 1 - box[2].start), total) is False:
             raise RefinementCancelled("refinement cancelled; the input was left unchanged.")
