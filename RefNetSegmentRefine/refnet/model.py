@@ -27,6 +27,7 @@ class RefNetConfig:
     embed_dim: int = 8  # length of the learned vector per class
     context: int = 1  # neighbouring slices on each side fed as extra embedded channels (0 = pure 2D)
     ct_channels: int = 0  # windowed CT channels concatenated after the embedding (0 = labels only)
+    component_channel: bool = False  # the centre slice's 3D component sizes (refnet.components) after the CT
     features: tuple[int, ...] = (16, 32, 64, 128, 256, 16)  # monai BasicUNet feature sizes
     identity_scale: float = 4.0  # weight of the raw one-hot added to the logits (0 disables)
     dropout: float = 0.0
@@ -46,6 +47,11 @@ class RefNetConfig:
         if len(self.features) != 6:
             raise ValueError(f"features needs 6 sizes (BasicUNet), got {len(self.features)}.")
         object.__setattr__(self, "features", tuple(int(f) for f in self.features))
+
+    @property
+    def aux_channels(self) -> int:
+        """Float channels after the embedded slab: the CT channels, then the component map if used."""
+        return self.ct_channels + int(self.component_channel)
 
     @property
     def slices(self) -> int:
@@ -69,7 +75,7 @@ class RefNet(nn.Module):
         config = config if config is not None else RefNetConfig()
         self.config = config
         self.embedding = nn.Embedding(config.num_classes, config.embed_dim)
-        in_channels = config.slices * config.embed_dim + config.ct_channels
+        in_channels = config.slices * config.embed_dim + config.aux_channels
         self.unet = BasicUNet(
             spatial_dims=2, in_channels=in_channels, out_channels=config.num_classes,
             features=config.features, dropout=config.dropout,
@@ -117,7 +123,9 @@ class RefNet(nn.Module):
 
         Args:
             labels: (B, S, H, W) integer class indices, S = ``config.slices``, centre slice in the middle.
-            ct: (B, ct_channels, H, W) float32 windowed CT in [0, 1], required iff ``ct_channels > 0``.
+            ct: (B, aux_channels, H, W) float32 in [0, 1]: the windowed CT channels, then the decoded
+                component map (:func:`refnet.components.decode_component_map`); required iff
+                ``aux_channels > 0``.
             channels_last: channels-last activations (faster convolutions; the same numbers up to rounding).
 
         Returns:
@@ -134,12 +142,15 @@ class RefNet(nn.Module):
 
     def _decode(self, x: torch.Tensor, centre: torch.Tensor, ct: torch.Tensor | None,
                 unet: nn.Module | None = None) -> torch.Tensor:
-        """UNet over the embedded slab (plus CT), then the identity start on the centre slice."""
+        """UNet over the embedded slab (plus CT and component map), then the identity start on the centre slice."""
         cfg = self.config
-        if cfg.ct_channels:
-            if ct is None or ct.shape[1] != cfg.ct_channels:
-                raise ValueError(f"this RefNet needs {cfg.ct_channels} CT channel(s); pass ct.")
-            x = torch.cat([x, ct.to(x.dtype)], dim=1)  # (B, S*E + ct, H, W)
+        if cfg.aux_channels:
+            if ct is None or ct.shape[1] != cfg.aux_channels:
+                what = [f"{cfg.ct_channels} CT channel(s)"] if cfg.ct_channels else []
+                what += ["the component map channel"] if cfg.component_channel else []
+                raise ValueError(f"this RefNet needs {' and '.join(what)} ({cfg.aux_channels} in all); "
+                                 "pass them as ct.")
+            x = torch.cat([x, ct.to(x.dtype)], dim=1)  # (B, S*E + aux, H, W)
         logits = (self.unet if unet is None else unet)(x)  # (B, C, H, W)
         if cfg.identity_scale > 0:
             # logits + scale * one_hot(centre), without building the (B, C, H, W) one-hot: the same numbers

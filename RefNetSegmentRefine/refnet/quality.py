@@ -13,6 +13,9 @@ test cases these methods are scored against the ground truth:
 - ``refnet_paper``: the label-only RefNet with the paper's loss weight w = 1 on CE(P, S);
 - ``refnet_label_cleanup``: ``refnet_label``'s output with ``cleanup``'s steps applied after it (are the two
   complementary? added after the first seed showed cleanup ahead of RefNet);
+- ``refnet_components``: ``refnet_label`` with each voxel's 3D component size as an input channel
+  (:mod:`refnet.components`): the connectivity cleanup decides on, which a 2D net cannot see (added after
+  the five seeds showed cleanup ahead of RefNet; its preset is ``refnet_label``'s, nothing else changed);
 - ``unseen_raw`` / ``unseen_refnet_label``: a base model of an architecture RefNet never trained on,
   before and after ``refnet_label``.
 
@@ -42,9 +45,9 @@ __all__ = ["METHODS", "QualityConfig", "quality_table", "run_quality", "save_gai
 logger = logging.getLogger(__name__)
 
 METHODS = ("raw", "cleanup", "average", "refnet_label", "refnet_ct", "refnet_paper", "refnet_label_cleanup",
-           "unseen_raw", "unseen_refnet_label")
+           "refnet_components", "unseen_raw", "unseen_refnet_label")
 BASELINE = {m: "unseen_raw" if m.startswith("unseen_") else "raw" for m in METHODS}  # what a method is compared with
-REFNETS = ("refnet_label", "refnet_ct", "refnet_paper")
+REFNETS = ("refnet_label", "refnet_ct", "refnet_paper", "refnet_components")
 
 
 def _varied_demo() -> DemoConfig:
@@ -92,6 +95,8 @@ class QualityConfig:
             return replace(base, model=replace(base.model, ct_channels=1))
         if method == "refnet_paper":
             return replace(base, raw_weight=1.0)
+        if method == "refnet_components":
+            return replace(base, model=replace(base.model, component_channel=True))
         return base
 
     @classmethod

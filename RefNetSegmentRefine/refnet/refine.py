@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel
+from .components import component_map, decode_component_map
 from .geometry import canonical_affine, check_affine, to_canonical
 from .guards import (
     GUARD_NAMES,
@@ -319,6 +320,8 @@ def propose(canon: np.ndarray, spacing, model: LoadedModel, *, ct: np.ndarray | 
     z0, z1 = plan.zwork
     work = resample_labels(canon[:, :, z0:z1], plan.grid, plan.span, num_classes=model.config.num_classes)
     work_ct = None if ct is None else resample_image(ct[:, :, z0:z1], plan.grid, plan.span)
+    # the work volume holds every labelled voxel with background around it: its component map is the whole map's
+    work_comp = component_map(work, model.config.num_classes) if model.config.component_channel else None
     present = present_classes(canon, model.config.num_classes)
     if not config.guards.absent_classes:
         present[:] = True
@@ -338,7 +341,7 @@ def propose(canon: np.ndarray, spacing, model: LoadedModel, *, ct: np.ndarray | 
         needed, index = np.unique(idx, return_inverse=True)
         index = index.reshape(idx.shape)
         slices = np.moveaxis(work[:, :, needed], 2, 0)  # (N, U, V) uint8
-        ct_slab = None if work_ct is None else label_slab(work_ct, centres - z0, [0])
+        ct_slab = _aux_slab(work_ct, work_comp, centres - z0)
         probs = _probabilities(model, slices, index, ct_slab, precision, unet)  # (B, C, U, V)
         k = slice(start - box[2].start, centres[-1] + 1 - box[2].start)
         centre = torch.as_tensor(slices[index[:, idx.shape[1] // 2]]).to(probs.device)
@@ -346,6 +349,16 @@ def propose(canon: np.ndarray, spacing, model: LoadedModel, *, ct: np.ndarray | 
         if progress is not None and progress(int(centres[-1] + 1 - box[2].start), total) is False:
             raise RefinementCancelled("refinement cancelled; the input was left unchanged.")
     return Proposal(box, raw, candidate, confidence, absent_held, tuple(spacing))
+
+
+def _aux_slab(ct: np.ndarray | None, components: np.ndarray | None, centres: np.ndarray) -> np.ndarray | None:
+    """(B, aux, U, V) float channels of the centre slices: windowed CT, then the decoded component map."""
+    parts = [label_slab(ct, centres, [0])] if ct is not None else []
+    if components is not None:
+        parts.append(decode_component_map(label_slab(components, centres, [0])))
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
 
 def _free_memory(device: torch.device) -> int | None:

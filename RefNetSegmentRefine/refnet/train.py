@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .checkpoint import LoadedModel, save_model
+from .components import component_map, decode_component_map
 from .device import resolve_device
 from .error_simulator import PLAUSIBLE_VARIATION, ErrorConfig, simulate_errors
 from .evaluate import dice_per_class, summarise
@@ -135,9 +136,12 @@ class _Sampler:
     ``error_fraction`` > 0 that share of centres is a voxel where raw and target disagree instead.
     """
 
-    def __init__(self, pairs: Sequence[TrainingPair], error_fraction: float = 0.0) -> None:
+    def __init__(self, pairs: Sequence[TrainingPair], error_fraction: float = 0.0, *, components: bool = False
+                 ) -> None:
         self.pairs = pairs
         self.error_fraction = error_fraction
+        # each raw map's component map (uint8), computed once: it needs the whole volume, not the crop
+        self.components = [component_map(p.raw, NUM_CLASSES) if components else None for p in pairs]
         self.errors = [np.flatnonzero((p.raw != p.target).ravel()) if error_fraction else None for p in pairs]
         self.coords: list[dict[int, np.ndarray]] = []
         for p in pairs:
@@ -183,7 +187,8 @@ def sample_batch(
 
     Returns:
         ``(labels, target, raw, ct)``: (B, S, H, W) int64 raw label slabs, (B, H, W) int64 ground truth,
-        (B, H, W) int64 raw centre slices, and (B, 1, H, W) float32 windowed CT or None.
+        (B, H, W) int64 raw centre slices, and (B, aux_channels, H, W) float32 channels (windowed CT, then
+        the component map; see :class:`~refnet.model.RefNetConfig`) or None.
     """
     ctx, size = config.model.context, config.crop_size
     slabs, targets, cts = [], [], []
@@ -194,8 +199,13 @@ def sample_batch(
         slab = label_slab(_crop(p.raw, ci, cj, size), [ck], offsets)[0]  # (S, H, W)
         slabs.append(slab)
         targets.append(_crop(p.target[:, :, ck], ci, cj, size))
+        aux = []
         if config.model.ct_channels:
-            cts.append(window_ct(_crop(p.ct[:, :, ck], ci, cj, size), *config.ct_window)[None])
+            aux.append(window_ct(_crop(p.ct[:, :, ck], ci, cj, size), *config.ct_window))
+        if config.model.component_channel:
+            aux.append(decode_component_map(_crop(sampler.components[i][:, :, ck], ci, cj, size)))
+        if aux:
+            cts.append(np.stack(aux))
     labels = np.stack(slabs).astype(np.int64)
     raw = labels[:, ctx]
     ct = np.stack(cts).astype(np.float32) if cts else None
@@ -407,7 +417,7 @@ def train_refnet(
     loss_fn = RefNetLoss(raw_weight=config.raw_weight, dice_weight=config.dice_weight,
                          class_weights=_class_weights(fit, config.class_weight_power)).to(device)
     start, best = _resume(work, net, optimiser)  # every process: the checkpoint does not depend on their number
-    sampler = _Sampler(fit, config.error_fraction)
+    sampler = _Sampler(fit, config.error_fraction, components=config.model.component_channel)
     meta = _metadata(config, pairs, train_pairs, val_pairs, {"extra_maps": len(extra), **(provenance or {})})
     if ctx.world > 1:
         from torch.nn.parallel import DistributedDataParallel
