@@ -1,6 +1,8 @@
 """The component-size channel: what it encodes, that refinement and training compute it alike, and that it
 carries 3D connectivity a 2D slab cannot show."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -110,7 +112,7 @@ def test_training_batches_carry_the_raw_maps_component_channel():
     pairs = [_pair(0)]
     sampler = _Sampler(pairs, components=True)
     np.testing.assert_array_equal(sampler.components[0], component_map(pairs[0].raw, 13))
-    labels, _target, raw, aux = sample_batch(sampler, cfg, np.random.default_rng(0))
+    _labels, _target, raw, aux = sample_batch(sampler, cfg, np.random.default_rng(0))
     assert aux.shape == (32, 1, 16, 16) and aux.dtype == np.float32
     assert aux.min() >= 0.0 and aux.max() == 1.0
     specks = (raw == 6) & (aux[:, 0] < 0.5)  # speck voxels read low; the liver reads 1
@@ -124,3 +126,16 @@ def test_a_component_model_trains_and_keeps_its_channel_in_the_model_file(tmp_pa
     model = train_refnet([_pair(0), _pair(1)], cfg, work_dir=tmp_path / "w")
     assert load_model(tmp_path / "w" / "refnet.pt").net.config.component_channel
     assert refine_labels(_pair(1).raw, np.eye(4), model).shape == (40, 40, 20)
+
+
+def test_training_resumes_a_checkpoint_written_before_the_channel_existed(tmp_path):
+    cfg = TrainConfig(model=RefNetConfig(features=TINY_FEATURES), optimizer="adam", lr=1e-3, epochs=1,
+                      steps_per_epoch=1, batch_size=2, crop_size=16, val_cases=0, spacing_mm=None, device="cpu")
+    train_refnet([_pair(0)], cfg, work_dir=tmp_path / "w")
+    state = torch.load(tmp_path / "w" / "last.pt", weights_only=True)
+    del state["config"]["component_channel"]  # as written by earlier versions
+    torch.save(state, tmp_path / "w" / "last.pt")
+    train_refnet([_pair(0)], replace(cfg, epochs=2), work_dir=tmp_path / "w")  # resumes: the same architecture
+    with pytest.raises(ValueError, match="another RefNet architecture"):  # not as a component model, though
+        train_refnet([_pair(0)], replace(cfg, epochs=3, model=replace(cfg.model, component_channel=True)),
+                     work_dir=tmp_path / "w")

@@ -293,3 +293,12 @@ def test_index_submission_has_a_license_and_a_screenshot_that_exists():
         assert url.startswith(prefix)
         shot = ROOT / url[len(prefix):]
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_pairs_module_stands_without_the_training_loop():
+    """refnet.pairs (the pair type and file loading) is imported by train.py, never the other way round."""
+    import subprocess
+    import sys
+
+    code = "import sys, refnet.pairs; sys.exit('refnet.train' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -1,9 +1,9 @@
 """Why do the quality benchmark's RefNets gain so little: the net, or the guards holding it back?
 
-Reads the seed folders a ``benchmarks/quality.py`` run left (its trained ``refnet_label.pt`` and
-``refnet_ct.pt``, phantoms and raw predictions; nothing is trained here) and refines each seed's test
-cases with every guard on (as shipped), each guard off in turn, and all guards off. Prints the mean
-Dice gain over raw per setting and model and writes JSON. A diagnosis, not a choice: no setting is
+Reads the seed folders a ``benchmarks/quality.py`` run left (its trained ``refnet_label.pt``,
+``refnet_ct.pt`` and ``refnet_components.pt``, phantoms and raw predictions; nothing is trained here) and
+refines each seed's test cases with every guard on (as shipped), each guard off in turn, and all guards
+off. Prints the mean Dice gain over raw per setting and model and writes JSON. A diagnosis, not a choice: no setting is
 picked from it (the test seeds' figures must not choose presets).
 
     python benchmarks/quality_guard_ablation.py --runs OUT/seed11 OUT/seed12 ... [--out FILE.json]
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODELS = ("refnet_label", "refnet_ct")
+MODELS = ("refnet_label", "refnet_ct", "refnet_components")  # those a run trained are ablated
 
 
 def _settings():

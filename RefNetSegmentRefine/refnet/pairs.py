@@ -1,4 +1,4 @@
-"""Assembling RefNet training pairs from files: ground truth plus K folders of model predictions.
+"""RefNet training pairs: the pair type, and assembling pairs from files (ground truth plus K folders of predictions).
 
 Every array is brought to canonical RAS layout here, once, so training never has to think about
 orientation; refinement does the same through :mod:`refnet.geometry`.
@@ -8,17 +8,45 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .geometry import canonical_affine, to_canonical
 from .io import read_affine
-from .train import TrainingPair
 
-__all__ = ["EXTRA_LABELS_IDS", "load_label_maps", "load_training_pairs"]
+__all__ = ["EXTRA_LABELS_IDS", "TrainingPair", "load_label_maps", "load_training_pairs"]
 
 EXTRA_LABELS_IDS = 20_000  # case id of the first extra label map (datasets and extra phantoms use lower ids)
+
+
+@dataclass(frozen=True)
+class TrainingPair:
+    """One training pair, all arrays in canonical RAS layout (axial slices ``[:, :, k]``).
+
+    Attributes:
+        raw: (I, J, K) uint8 classes from a segmentation model (S).
+        target: (I, J, K) uint8 ground-truth classes (GT).
+        case_id: the case, so all pairs of a case go to the same side of the validation split.
+        source: which segmentation model made ``raw``.
+        ct: (I, J, K) float32 HU, needed for CT-conditioned models.
+        affine: (4, 4) voxel-to-world affine.
+    """
+
+    raw: np.ndarray
+    target: np.ndarray
+    case_id: int
+    source: str = ""
+    ct: np.ndarray | None = None
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+
+    def __post_init__(self) -> None:
+        if self.raw.shape != self.target.shape or self.raw.ndim != 3:
+            raise ValueError(f"case {self.case_id}: raw {self.raw.shape} and target {self.target.shape} "
+                             "must be 3D arrays of one shape.")
+        if self.ct is not None and self.ct.shape != self.raw.shape:
+            raise ValueError(f"case {self.case_id}: CT shape {self.ct.shape} differs from labels {self.raw.shape}.")
 
 
 def load_training_pairs(

@@ -29,6 +29,7 @@ from .guards import GuardConfig
 from .labels import NUM_CLASSES
 from .losses import RefNetLoss
 from .model import RefNet, RefNetConfig
+from .pairs import TrainingPair
 from .refine import Proposal, apply_guards, label_slab, propose, window_ct
 from .spacing import InPlaneGrid, context_offsets, resample_image, resample_labels, voxel_spacing
 
@@ -98,34 +99,6 @@ class TrainConfig:
         if self.simulated_pairs < 0 or self.plausible_pairs < 0:
             raise ValueError(f"simulated_pairs and plausible_pairs must be >= 0, got {self.simulated_pairs}, "
                              f"{self.plausible_pairs}.")
-
-
-@dataclass(frozen=True)
-class TrainingPair:
-    """One training pair, all arrays in canonical RAS layout (axial slices ``[:, :, k]``).
-
-    Attributes:
-        raw: (I, J, K) uint8 classes from a segmentation model (S).
-        target: (I, J, K) uint8 ground-truth classes (GT).
-        case_id: the case, so all pairs of a case go to the same side of the validation split.
-        source: which segmentation model made ``raw``.
-        ct: (I, J, K) float32 HU, needed for CT-conditioned models.
-        affine: (4, 4) voxel-to-world affine.
-    """
-
-    raw: np.ndarray
-    target: np.ndarray
-    case_id: int
-    source: str = ""
-    ct: np.ndarray | None = None
-    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
-
-    def __post_init__(self) -> None:
-        if self.raw.shape != self.target.shape or self.raw.ndim != 3:
-            raise ValueError(f"case {self.case_id}: raw {self.raw.shape} and target {self.target.shape} "
-                             "must be 3D arrays of one shape.")
-        if self.ct is not None and self.ct.shape != self.raw.shape:
-            raise ValueError(f"case {self.case_id}: CT shape {self.ct.shape} differs from labels {self.raw.shape}.")
 
 
 class _Sampler:
@@ -568,7 +541,8 @@ def _resume(work: Path, net, optimiser) -> tuple[int, dict | None]:
     if not path.exists():
         return 0, None
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("config") != net.config.to_dict():
+    # a field added to RefNetConfig after the checkpoint was written reads as its default (it did not exist)
+    if {**RefNetConfig().to_dict(), **(state.get("config") or {})} != net.config.to_dict():
         raise ValueError(f"{path} was written for another RefNet architecture; use a fresh work directory.")
     net.load_state_dict(state["net"])
     optimiser.load_state_dict(state["optimiser"])
