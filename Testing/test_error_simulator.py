@@ -58,6 +58,24 @@ def test_touching_organs_trade_voxels_at_their_interface():
     assert traded > 0
 
 
+def test_islands_lie_as_far_from_their_organ_as_asked():
+    """Islands are detached pieces of the organ whose centres lie island_gap_mm beyond their radius."""
+    from scipy import ndimage
+
+    labels = np.zeros((80, 80, 40), np.uint8)
+    labels[38:42, 38:42, 19:21] = 2  # a 6 mm organ in a field big enough that no island is clipped to it
+    config = ErrorConfig(**{**NONE, "island_prob": 1.0, "blob_mm": (3.0, 3.0), "island_gap_mm": (30.0, 40.0)})
+    gaps = []
+    for seed in range(20):
+        out = simulate_errors(labels, SPACING, np.random.default_rng(seed), config=config)
+        parts, count = ndimage.label(out == 2, structure=np.ones((3, 3, 3)))
+        far = ndimage.distance_transform_edt(labels != 2, sampling=SPACING)
+        gaps += [far[parts == n].min() for n in range(1, count + 1) if not (labels[parts == n] == 2).any()]
+    assert len(gaps) >= 10  # most draws leave a detached island (the strength scales the chance)
+    # centres 33-43 mm from an organ voxel: at least 33 - 10 (the organ's diagonal) - 3 (radius) - 3 (rounding)
+    assert min(gaps) > 17.0
+
+
 def test_clean_probability_one_gives_the_map_back():
     labels = _map()
     out = simulate_errors(labels, SPACING, np.random.default_rng(0), config=ErrorConfig(clean_prob=1.0))
@@ -68,6 +86,7 @@ def test_clean_probability_one_gives_the_map_back():
     ({"shift_mm": -1.0}, "shift_mm must be >= 0"),
     ({"hole_prob": 1.5}, "hole_prob must be a probability"),
     ({"blob_mm": (5.0, 2.0)}, "blob_mm must be"),
+    ({"island_gap_mm": (0.0, 2.0)}, "island_gap_mm must be"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

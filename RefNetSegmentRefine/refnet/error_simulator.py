@@ -36,6 +36,8 @@ class ErrorConfig:
     hole_prob: float = 0.15  # chance per organ of a hole (a ball inside set to background)
     island_prob: float = 0.15  # chance per organ of an island (a ball nearby painted with the organ)
     blob_mm: tuple[float, float] = (2.0, 6.0)  # range of hole and island radii
+    island_gap_mm: tuple[float, float] = (3.0, 20.0)  # range of an island's distance beyond its radius from an
+    #                                                    organ voxel (base models' islands lie up to cm away)
     slice_prob: float = 0.1  # chance per organ of losing its end slice, and the same of gaining one
     clean_prob: float = 0.1  # chance that a map is left exactly as it is
 
@@ -46,7 +48,7 @@ class ErrorConfig:
         for name in ("shift_prob", "hole_prob", "island_prob", "slice_prob", "clean_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"ErrorConfig.{name} must be a probability in [0, 1], got {getattr(self, name)}.")
-        for name in ("jitter_cell_mm", "blob_mm"):
+        for name in ("jitter_cell_mm", "blob_mm", "island_gap_mm"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
                 raise ValueError(f"ErrorConfig.{name} must be (min, max) with 0 < min <= max, got {(lo, hi)}.")
@@ -123,7 +125,7 @@ def _blobs(labels, spacing, rng, config: ErrorConfig, strength: float) -> np.nda
         if rng.random() < strength * config.island_prob:
             radius = rng.uniform(*config.blob_mm)
             direction = rng.normal(size=3)
-            step = (radius + rng.uniform(3.0, 20.0)) * direction / np.linalg.norm(direction)
+            step = (radius + rng.uniform(*config.island_gap_mm)) * direction / np.linalg.norm(direction)
             centre = voxels[rng.integers(len(voxels))] + np.rint(step / np.asarray(spacing)).astype(int)
             centre = np.clip(centre, 0, np.asarray(labels.shape) - 1)
             box, ball = _ball(labels.shape, centre, radius, spacing)
