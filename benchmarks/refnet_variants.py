@@ -15,7 +15,7 @@ with its guards on and with all of them off.
 Each variant works in ``OUT/NAME`` (copies of the base folder's phantoms, base models and predictions; a
 rerun reuses finished variants: ``OUT/NAME/variant.json``). Prints a table and writes
 ``OUT/refnet_variants.json`` (every variant finished in OUT, so parallel invocations on disjoint
-``--variants`` add up).
+``--variants`` add up, and the largest islands of the raw test maps).
 """
 
 from __future__ import annotations
@@ -69,6 +69,35 @@ def _islands(raw: np.ndarray, target: np.ndarray) -> np.ndarray:
         bad[0] = False
         out |= bad[parts]
     return out
+
+
+def island_census(folder: Path, top: int = 6) -> list[dict[str, Any]]:
+    """The largest islands of the raw test maps: organ, what the ground truth has there, size."""
+    from refnet.data.btcv import find_cases, load_case, split_cases
+    from refnet.io import read_affine
+    from refnet.labels import CLASS_NAMES
+    from refnet.segmenters import load_prediction_folder
+    from scipy import ndimage
+
+    run = json.loads((folder / "run.json").read_text())
+    test = split_cases(find_cases(folder / "data"), "test")
+    raw = load_prediction_folder(folder / "predictions" / run["raw_source"], [c.case_id for c in test],
+                                 affines={c.case_id: read_affine(c.image) for c in test})
+    found = []
+    for case in test:
+        target = load_case(case)[1]
+        pred = raw[case.case_id]
+        for cls in np.unique(pred[pred > 0]):
+            parts, count = ndimage.label(pred == cls, structure=np.ones((3, 3, 3)))
+            sizes = np.bincount(parts.ravel())[1:]
+            for n in range(1, count + 1):
+                under = target[parts == n]
+                if not (under == cls).any():
+                    found.append({"case": case.case_id, "organ": CLASS_NAMES[cls],
+                                  "truth_there": CLASS_NAMES[int(np.bincount(under).argmax())],
+                                  "voxels": int(sizes[n - 1]),
+                                  "of_largest_piece": round(float(sizes[n - 1] / sizes.max()), 3)})
+    return sorted(found, key=lambda r: -r["voxels"])[:top]
 
 
 def diagnose(folder: Path) -> dict[str, Any]:
@@ -152,7 +181,8 @@ def main() -> int:
     path = out / "refnet_variants.json"  # every finished variant in OUT, also those of other invocations
     finished = {n: json.loads((out / n / "variant.json").read_text()) for n in VARIANTS
                 if (out / n / "variant.json").exists()}
-    path.write_text(json.dumps(finished, indent=2) + "\n")
+    census = island_census(base)
+    path.write_text(json.dumps({"largest_islands": census, "variants": finished}, indent=2) + "\n")
     first = next(iter(results.values()))
     print(f"seed {first['seed']}: raw {first['mean_dice']['raw']:.4f}, cleanup"
           f" {first['gain_percent']['cleanup']:+.2f}%, island oracle {first['island_oracle_gain_percent']:+.2f}%")
@@ -161,6 +191,10 @@ def main() -> int:
         print(f"{name:<38}{r['gain_percent']['refnet_label']:>+7.2f}%{r['unguarded_gain_percent']:>+10.2f}%"
               f"{r['worst_organ_change']:>+13.4f}{r['islands_removed']['guards on']:>17.1%}"
               f"{r['islands_removed']['guards off']:>8.1%}")
+    print("largest raw islands (organ drawn where the ground truth has another):")
+    for r in census:
+        print(f"  case {r['case']}: {r['organ']} on {r['truth_there']}, {r['voxels']} voxels "
+              f"({r['of_largest_piece']:.0%} of the organ's largest piece)")
     print(f"wrote {path}")
     return 0
 
