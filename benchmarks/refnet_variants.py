@@ -43,6 +43,9 @@ VARIANTS: dict[str, dict[str, Any]] = {  # training overrides of the quality pre
                                            "model": {"component_channel": True}},
     "crop160": {"crop_size": 160, "batch_size": 8},
     "components_crop160": {"crop_size": 160, "batch_size": 8, "model": {"component_channel": True}},
+    # added after the census above found kidney pieces on the wrong side: the body side as input
+    "position": {"model": {"position_channels": True}},
+    "components_position": {"model": {"component_channel": True, "position_channels": True}},
 }
 
 

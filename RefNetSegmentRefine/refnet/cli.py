@@ -73,10 +73,12 @@ def _train_config(args: argparse.Namespace):
     overrides = {k: getattr(args, k) for k in ("optimizer", "lr", "epochs", "steps_per_epoch", "batch_size",
                                                "raw_weight", "val_cases", "seed", "device", "simulated_pairs")
                  if getattr(args, k) is not None}
-    if args.ct or getattr(args, "components", False):
-        overrides["model"] = replace(config.model, ct_channels=1 if args.ct else config.model.ct_channels,
-                                     component_channel=bool(getattr(args, "components", False))
-                                     or config.model.component_channel)
+    model = {k: True for k in ("component_channel", "position_channels")
+             if getattr(args, {"component_channel": "components", "position_channels": "position"}[k], False)}
+    if args.ct:
+        model["ct_channels"] = 1
+    if model:
+        overrides["model"] = replace(config.model, **model)
     if getattr(args, "channels_last", False):
         overrides["channels_last"] = True
     return replace(config, **overrides) if overrides else config
@@ -272,6 +274,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--ct", action="store_true", help="also feed the windowed CT to RefNet")
     s.add_argument("--components", action="store_true",
                    help="also feed each voxel's 3D component size (islands, holes) to RefNet")
+    s.add_argument("--position", action="store_true",
+                   help="also feed each pixel's offset from the labelled centroid (the body side) to RefNet")
     s.add_argument("--channels-last", action="store_true",
                    help="channels-last activations: faster epochs (about 1.3x on CPU), same training up to rounding")
     s.add_argument("--label-scheme", type=_scheme, default="refnet", help="label values of the predictions")

@@ -28,6 +28,7 @@ class RefNetConfig:
     context: int = 1  # neighbouring slices on each side fed as extra embedded channels (0 = pure 2D)
     ct_channels: int = 0  # windowed CT channels concatenated after the embedding (0 = labels only)
     component_channel: bool = False  # the centre slice's 3D component sizes (refnet.components) after the CT
+    position_channels: bool = False  # two planes of offset from the labelled centroid (refnet.position), last
     features: tuple[int, ...] = (16, 32, 64, 128, 256, 16)  # monai BasicUNet feature sizes
     identity_scale: float = 4.0  # weight of the raw one-hot added to the logits (0 disables)
     dropout: float = 0.0
@@ -50,8 +51,8 @@ class RefNetConfig:
 
     @property
     def aux_channels(self) -> int:
-        """Float channels after the embedded slab: the CT channels, then the component map if used."""
-        return self.ct_channels + int(self.component_channel)
+        """Float channels after the embedded slab: the CT channels, the component map, the position planes."""
+        return self.ct_channels + int(self.component_channel) + 2 * int(self.position_channels)
 
     @property
     def slices(self) -> int:
@@ -124,7 +125,8 @@ class RefNet(nn.Module):
         Args:
             labels: (B, S, H, W) integer class indices, S = ``config.slices``, centre slice in the middle.
             ct: (B, aux_channels, H, W) float32 in [0, 1]: the windowed CT channels, then the decoded
-                component map (:func:`refnet.components.decode_component_map`); required iff
+                component map (:func:`refnet.components.decode_component_map`), the position planes
+                (:func:`refnet.position.position_planes`), each if the config uses it; required iff
                 ``aux_channels > 0``.
             channels_last: channels-last activations (faster convolutions; the same numbers up to rounding).
 
@@ -148,6 +150,7 @@ class RefNet(nn.Module):
             if ct is None or ct.shape[1] != cfg.aux_channels:
                 what = [f"{cfg.ct_channels} CT channel(s)"] if cfg.ct_channels else []
                 what += ["the component map channel"] if cfg.component_channel else []
+                what += ["the 2 position channels"] if cfg.position_channels else []
                 raise ValueError(f"this RefNet needs {' and '.join(what)} ({cfg.aux_channels} in all); "
                                  "pass them as ct.")
             x = torch.cat([x, ct.to(x.dtype)], dim=1)  # (B, S*E + aux, H, W)

@@ -39,6 +39,7 @@ from .guards import (
     remove_new_components,
 )
 from .labels import CLASS_NAMES, check_class_labels
+from .position import position_planes
 from .spacing import InPlaneGrid, context_offsets, resample_image, resample_labels, to_native, voxel_spacing
 
 __all__ = [
@@ -322,6 +323,8 @@ def propose(canon: np.ndarray, spacing, model: LoadedModel, *, ct: np.ndarray | 
     work_ct = None if ct is None else resample_image(ct[:, :, z0:z1], plan.grid, plan.span)
     # the work volume holds every labelled voxel with background around it: its component map is the whole map's
     work_comp = component_map(work, model.config.num_classes) if model.config.component_channel else None
+    work_pos = (position_planes(work, [s * g for s, g in zip(spacing[:2], plan.grid.scale)])
+                if model.config.position_channels else None)
     present = present_classes(canon, model.config.num_classes)
     if not config.guards.absent_classes:
         present[:] = True
@@ -341,7 +344,7 @@ def propose(canon: np.ndarray, spacing, model: LoadedModel, *, ct: np.ndarray | 
         needed, index = np.unique(idx, return_inverse=True)
         index = index.reshape(idx.shape)
         slices = np.moveaxis(work[:, :, needed], 2, 0)  # (N, U, V) uint8
-        ct_slab = _aux_slab(work_ct, work_comp, centres - z0)
+        ct_slab = _aux_slab(work_ct, work_comp, work_pos, centres - z0)
         probs = _probabilities(model, slices, index, ct_slab, precision, unet)  # (B, C, U, V)
         k = slice(start - box[2].start, centres[-1] + 1 - box[2].start)
         centre = torch.as_tensor(slices[index[:, idx.shape[1] // 2]]).to(probs.device)
@@ -351,11 +354,14 @@ def propose(canon: np.ndarray, spacing, model: LoadedModel, *, ct: np.ndarray | 
     return Proposal(box, raw, candidate, confidence, absent_held, tuple(spacing))
 
 
-def _aux_slab(ct: np.ndarray | None, components: np.ndarray | None, centres: np.ndarray) -> np.ndarray | None:
-    """(B, aux, U, V) float channels of the centre slices: windowed CT, then the decoded component map."""
+def _aux_slab(ct: np.ndarray | None, components: np.ndarray | None, position: np.ndarray | None,
+              centres: np.ndarray) -> np.ndarray | None:
+    """(B, aux, U, V) float channels of the centre slices: windowed CT, decoded component map, position planes."""
     parts = [label_slab(ct, centres, [0])] if ct is not None else []
     if components is not None:
         parts.append(decode_component_map(label_slab(components, centres, [0])))
+    if position is not None:  # (U, V, 2), the same for every slice
+        parts.append(np.broadcast_to(np.moveaxis(position, 2, 0)[None], (len(centres), 2, *position.shape[:2])))
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)

@@ -30,6 +30,7 @@ from .labels import NUM_CLASSES
 from .losses import RefNetLoss
 from .model import RefNet, RefNetConfig
 from .pairs import TrainingPair
+from .position import position_planes
 from .refine import Proposal, apply_guards, label_slab, propose, window_ct
 from .spacing import InPlaneGrid, context_offsets, resample_image, resample_labels, voxel_spacing
 
@@ -109,12 +110,13 @@ class _Sampler:
     ``error_fraction`` > 0 that share of centres is a voxel where raw and target disagree instead.
     """
 
-    def __init__(self, pairs: Sequence[TrainingPair], error_fraction: float = 0.0, *, components: bool = False
-                 ) -> None:
+    def __init__(self, pairs: Sequence[TrainingPair], error_fraction: float = 0.0, *, components: bool = False,
+                 position: bool = False) -> None:
         self.pairs = pairs
         self.error_fraction = error_fraction
         # each raw map's component map (uint8), computed once: it needs the whole volume, not the crop
         self.components = [component_map(p.raw, NUM_CLASSES) if components else None for p in pairs]
+        self.positions = [position_planes(p.raw, voxel_spacing(p.affine)) if position else None for p in pairs]
         self.errors = [np.flatnonzero((p.raw != p.target).ravel()) if error_fraction else None for p in pairs]
         self.coords: list[dict[int, np.ndarray]] = []
         for p in pairs:
@@ -177,6 +179,8 @@ def sample_batch(
             aux.append(window_ct(_crop(p.ct[:, :, ck], ci, cj, size), *config.ct_window))
         if config.model.component_channel:
             aux.append(decode_component_map(_crop(sampler.components[i][:, :, ck], ci, cj, size)))
+        if config.model.position_channels:
+            aux.extend(np.moveaxis(_crop(sampler.positions[i], ci, cj, size), 2, 0))
         if aux:
             cts.append(np.stack(aux))
     labels = np.stack(slabs).astype(np.int64)
@@ -390,7 +394,8 @@ def train_refnet(
     loss_fn = RefNetLoss(raw_weight=config.raw_weight, dice_weight=config.dice_weight,
                          class_weights=_class_weights(fit, config.class_weight_power)).to(device)
     start, best = _resume(work, net, optimiser)  # every process: the checkpoint does not depend on their number
-    sampler = _Sampler(fit, config.error_fraction, components=config.model.component_channel)
+    sampler = _Sampler(fit, config.error_fraction, components=config.model.component_channel,
+                       position=config.model.position_channels)
     meta = _metadata(config, pairs, train_pairs, val_pairs, {"extra_maps": len(extra), **(provenance or {})})
     if ctx.world > 1:
         from torch.nn.parallel import DistributedDataParallel
