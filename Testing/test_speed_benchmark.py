@@ -27,6 +27,17 @@ def test_speed_benchmark_batch_sizes_and_base_model_shapes(tmp_path):
     assert all(r["refine_s"] > 0 and r["refine_extra_mb"] is not None for r in out["batch_sizes"])
 
 
+def test_speed_benchmark_repeat_reports_the_median_run(tmp_path):
+    subprocess.run([sys.executable, str(SCRIPT), "--shapes", "32x32x6", "--no-base-model", "--repeat", "3",
+                    "--device", "cpu", "--out", str(tmp_path)], check=True, capture_output=True, text=True, timeout=600)
+    row = json.loads((tmp_path / "speed.json").read_text())["rows"][0]
+    assert len(row["refine_s_runs"]) == 3 and row["refine_s_runs"] == sorted(row["refine_s_runs"])
+    assert row["refine_s"] == row["refine_s_runs"][1]
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--repeat", "0", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--repeat must be >= 1" in bad.stderr
+
+
 def test_train_speed_benchmark_writes_both_layouts(tmp_path):
     script = SCRIPT.parent / "train_speed.py"
     subprocess.run([sys.executable, str(script), "--epochs", "1", "--cases", "2", "--steps", "2",
