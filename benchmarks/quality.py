@@ -25,7 +25,15 @@ from dataclasses import replace
 from pathlib import Path
 
 from refnet.io import write_json
-from refnet.quality import METHODS, QualityConfig, quality_table, run_quality, save_gain_chart, summarise_quality
+from refnet.quality import (
+    DEFAULT_METHODS,
+    METHODS,
+    QualityConfig,
+    quality_table,
+    run_quality,
+    save_gain_chart,
+    summarise_quality,
+)
 
 FRESH_SEEDS = (11, 12, 13, 14, 15)
 
@@ -66,12 +74,14 @@ def main() -> int:
                         f"--quick: {FRESH_SEEDS[0]})")
     parser.add_argument("--quick", action="store_true", help="one seed, RefNets trained 10 epochs (< 30 min)")
     parser.add_argument("--dataset", help="a BTCV-layout folder instead of generated phantoms (one run)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, help="a subset of the methods (default all)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS,
+                        help="the methods (default all but refnet_components)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = QualityConfig.quick() if args.quick else QualityConfig()
-    config = replace(config, demo=replace(config.demo, device=args.device), methods=tuple(args.methods or METHODS))
+    config = replace(config, demo=replace(config.demo, device=args.device),
+                     methods=tuple(args.methods or DEFAULT_METHODS))
     seeds = args.seeds or (FRESH_SEEDS[:1] if args.quick else FRESH_SEEDS)
     out = Path(args.out)
     runs, t0 = [], time.perf_counter()

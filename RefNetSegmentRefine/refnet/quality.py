@@ -13,7 +13,8 @@ test cases these methods are scored against the ground truth:
 - ``refnet_paper``: the label-only RefNet with the paper's loss weight w = 1 on CE(P, S);
 - ``refnet_label_cleanup``: ``refnet_label``'s output with ``cleanup``'s steps applied after it (are the two
   complementary? added after the first seed showed cleanup ahead of RefNet);
-- ``refnet_components``: ``refnet_label`` with each voxel's 3D component size as an input channel
+- ``refnet_components`` (opt-in, not in :data:`DEFAULT_METHODS`): ``refnet_label`` with each voxel's 3D
+  component size as an input channel
   (:mod:`refnet.components`): the connectivity cleanup decides on, which a 2D net cannot see (added after
   the five seeds showed cleanup ahead of RefNet; its preset is ``refnet_label``'s, nothing else changed);
 - ``unseen_raw`` / ``unseen_refnet_label``: a base model of an architecture RefNet never trained on,
@@ -40,12 +41,17 @@ from .labels import CLASS_NAMES, NUM_CLASSES
 from .pipeline import DemoConfig, extra_anatomy_maps, train_segmenters
 from .stats import paired_interval
 
-__all__ = ["METHODS", "QualityConfig", "quality_table", "run_quality", "save_gain_chart", "summarise_quality"]
+__all__ = ["DEFAULT_METHODS", "METHODS", "QualityConfig", "quality_table", "run_quality", "save_gain_chart",
+           "summarise_quality"]
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("raw", "cleanup", "average", "refnet_label", "refnet_ct", "refnet_paper", "refnet_label_cleanup",
            "refnet_components", "unseen_raw", "unseen_refnet_label")
+# What a run scores unless told otherwise: refnet_components is opt-in (--methods), because a fourth RefNet
+# would take the --quick seed past its 30 minutes on 2 cores and it gained nothing on development data
+# (benchmarks/refnet_variants.py).
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "refnet_components")
 BASELINE = {m: "unseen_raw" if m.startswith("unseen_") else "raw" for m in METHODS}  # what a method is compared with
 REFNETS = ("refnet_label", "refnet_ct", "refnet_paper", "refnet_components")
 
@@ -77,7 +83,7 @@ class QualityConfig:
     demo: DemoConfig = field(default_factory=_varied_demo)  # data, base models, RefNet preset
     folds: int = 2  # cross-validation folds of each base model's training-case predictions
     unseen: Any = field(default_factory=_unseen)  # SegmenterConfig of the architecture RefNet never sees
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - set(METHODS))
