@@ -74,18 +74,26 @@ def _islands(raw: np.ndarray, target: np.ndarray) -> np.ndarray:
     return out
 
 
-def island_census(folder: Path, top: int = 6) -> list[dict[str, Any]]:
-    """The largest islands of the raw test maps: organ, what the ground truth has there, size."""
-    from refnet.data.btcv import find_cases, load_case, split_cases
+def _raw_test_maps(folder: Path) -> tuple[list[Any], dict[int, np.ndarray]]:
+    """A quality.py seed folder's test cases and its raw base model's predictions of them."""
+    from refnet.data.btcv import find_cases, split_cases
     from refnet.io import read_affine
-    from refnet.labels import CLASS_NAMES
     from refnet.segmenters import load_prediction_folder
-    from scipy import ndimage
 
     run = json.loads((folder / "run.json").read_text())
     test = split_cases(find_cases(folder / "data"), "test")
     raw = load_prediction_folder(folder / "predictions" / run["raw_source"], [c.case_id for c in test],
                                  affines={c.case_id: read_affine(c.image) for c in test})
+    return test, raw
+
+
+def island_census(folder: Path, top: int = 6) -> list[dict[str, Any]]:
+    """The largest islands of the raw test maps: organ, what the ground truth has there, size."""
+    from refnet.data.btcv import load_case
+    from refnet.labels import CLASS_NAMES
+    from scipy import ndimage
+
+    test, raw = _raw_test_maps(folder)
     found = []
     for case in test:
         target = load_case(case)[1]
@@ -106,17 +114,12 @@ def island_census(folder: Path, top: int = 6) -> list[dict[str, Any]]:
 def diagnose(folder: Path) -> dict[str, Any]:
     """Island oracle Dice and the share of island voxels the variant's model removes, guards on and off."""
     from refnet.checkpoint import load_model
-    from refnet.data.btcv import find_cases, load_case, split_cases
+    from refnet.data.btcv import load_case
     from refnet.evaluate import dice_per_class
     from refnet.guards import GuardConfig
-    from refnet.io import read_affine
     from refnet.refine import RefineConfig, refine_labels
-    from refnet.segmenters import load_prediction_folder
 
-    run = json.loads((folder / "run.json").read_text())
-    test = split_cases(find_cases(folder / "data"), "test")
-    raw = load_prediction_folder(folder / "predictions" / run["raw_source"], [c.case_id for c in test],
-                                 affines={c.case_id: read_affine(c.image) for c in test})
+    test, raw = _raw_test_maps(folder)
     model = load_model(folder / "refnet_label.pt")
     raw_d, oracle_d, off_d, islands, removed = [], [], [], 0, {"guards on": 0, "guards off": 0}
     for case in test:

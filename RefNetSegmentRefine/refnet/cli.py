@@ -73,10 +73,13 @@ def _train_config(args: argparse.Namespace):
     overrides = {k: getattr(args, k) for k in ("optimizer", "lr", "epochs", "steps_per_epoch", "batch_size",
                                                "raw_weight", "val_cases", "seed", "device", "simulated_pairs")
                  if getattr(args, k) is not None}
-    model = {k: True for k in ("component_channel", "position_channels")
-             if getattr(args, {"component_channel": "components", "position_channels": "position"}[k], False)}
+    model: dict = {}
     if args.ct:
         model["ct_channels"] = 1
+    if getattr(args, "components", False):
+        model["component_channel"] = True
+    if getattr(args, "position", False):
+        model["position_channels"] = True
     if model:
         overrides["model"] = replace(config.model, **model)
     if getattr(args, "channels_last", False):

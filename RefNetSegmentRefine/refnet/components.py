@@ -35,7 +35,7 @@ def component_map(labels: np.ndarray, num_classes: int) -> np.ndarray:
     if labels.ndim != 3:
         raise ValueError(f"component_map needs a 3D label map, got shape {labels.shape}.")
     out = np.full(labels.shape, 255, dtype=np.uint8)
-    boxes = ndimage.find_objects(labels.astype(np.int32, copy=False), max_label=num_classes - 1)
+    boxes = ndimage.find_objects(labels, max_label=num_classes - 1)  # any integer dtype: no copy
     for cls, box in enumerate(boxes, start=1):
         if box is None:
             continue

@@ -144,7 +144,7 @@ class RefNet(nn.Module):
 
     def _decode(self, x: torch.Tensor, centre: torch.Tensor, ct: torch.Tensor | None,
                 unet: nn.Module | None = None) -> torch.Tensor:
-        """UNet over the embedded slab (plus CT and component map), then the identity start on the centre slice."""
+        """UNet over the embedded slab (plus the aux channels), then the identity start on the centre slice."""
         cfg = self.config
         if cfg.aux_channels:
             if ct is None or ct.shape[1] != cfg.aux_channels:

@@ -162,8 +162,8 @@ def sample_batch(
 
     Returns:
         ``(labels, target, raw, ct)``: (B, S, H, W) int64 raw label slabs, (B, H, W) int64 ground truth,
-        (B, H, W) int64 raw centre slices, and (B, aux_channels, H, W) float32 channels (windowed CT, then
-        the component map; see :class:`~refnet.model.RefNetConfig`) or None.
+        (B, H, W) int64 raw centre slices, and (B, aux_channels, H, W) float32 channels (windowed CT, the
+        component map, the position planes; see :class:`~refnet.model.RefNetConfig`) or None.
     """
     ctx, size = config.model.context, config.crop_size
     slabs, targets, cts = [], [], []
