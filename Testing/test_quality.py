@@ -11,7 +11,7 @@ from Testing.test_pipeline import _tiny_demo
 
 def _tiny() -> QualityConfig:
     demo = replace(_tiny_demo(), train_cases=4, test_cases=2)
-    return QualityConfig(demo=demo, folds=2, methods=METHODS,
+    return QualityConfig(demo=demo, folds=2, methods=METHODS, decider_epochs=20,
                          unseen=SegmenterConfig.demo("segresnet", seed=0, steps=1, features=4, patch_size=(32, 32, 16)))
 
 
@@ -63,3 +63,22 @@ def test_unknown_methods_are_refused():
         QualityConfig(methods=("raw", "magic"))
     with pytest.raises(ValueError, match="needs unseen_raw"):
         QualityConfig(methods=("raw", "unseen_refnet_label"))
+
+
+def test_methods_added_to_a_finished_run_leave_the_others_alone(tmp_path):
+    from refnet.quality import add_methods
+
+    first = tuple(m for m in METHODS if "pieces" not in m)
+    run = run_quality(tmp_path, replace(_tiny(), methods=first), seed=4)
+    assert "pieces" not in run["methods"] and run["sources"][0] == run["raw_source"]
+    before = json.loads(json.dumps(run))
+    added = add_methods(tmp_path, run, replace(_tiny(), methods=("raw", "pieces", "refnet_label_pieces",
+                                                                    "unseen_raw", "unseen_pieces")))
+    assert {"pieces", "refnet_label_pieces", "unseen_pieces"} <= set(added["methods"])
+    for m in first:  # raw and unseen_raw scored again on the same maps: the same figures
+        assert added["methods"][m] == before["methods"][m]
+    assert (tmp_path / "pieces.pt").exists()
+    summary = summarise_quality([added])
+    assert summary["gains"]["unseen_pieces"]["against"] == "unseen_raw"
+    with pytest.raises(ValueError, match="needs unseen_raw"):
+        replace(_tiny(), methods=("raw", "unseen_pieces"))

@@ -8,6 +8,8 @@ before any seed here was run; the default seeds (11-15) were never used to choos
     python benchmarks/quality.py --out quality_out                 # 5 fresh seeds, the demo's preset
     python benchmarks/quality.py --out quality_out --quick         # one fresh seed, < 30 min on 2 cores
     python benchmarks/quality.py --out q_btcv --dataset BTCV_DIR   # any BTCV-layout folder
+    python benchmarks/quality.py --out quality_out --add-methods pieces refnet_label_pieces unseen_pieces
+                                                                   # score methods added since a run finished
 
 Writes ``OUT/quality.json`` (methods as keys; gains with paired 95% intervals under ``gains``),
 ``OUT/quality_gain.png`` (per-organ change against raw), ``OUT/quality.md`` (the table) and, per seed,
@@ -28,7 +30,9 @@ from refnet.io import write_json
 from refnet.quality import (
     DEFAULT_METHODS,
     METHODS,
+    NEEDS,
     QualityConfig,
+    add_methods,
     quality_table,
     run_quality,
     save_gain_chart,
@@ -64,6 +68,20 @@ def acceptance(summary: dict) -> list[str]:
     if "unseen_refnet_label" in g:
         u = g["unseen_refnet_label"]
         check(u["gain_percent_mean"] >= 0, f"unseen architecture not lowered ({u['gain_percent_mean']:+.2f}%)")
+    # The same bars for the learned piece decision, after RefNet and alone (refnet.pieces).
+    for m in ("refnet_label_pieces", "pieces"):
+        if m in g:
+            p = g[m]
+            check(p["gain_percent_mean"] >= 2.0 and (p["case_dice_diff"]["low"] or -1) > 0,
+                  f"{m} gain {p['gain_percent_mean']:+.2f}% >= +2% with the 95% interval above 0 "
+                  f"(low {p['case_dice_diff']['low']}); worst organ {p['worst_organ_change']:+.4f}")
+            for other in ("cleanup", "average", "refnet_label_cleanup"):
+                if other in summary:
+                    check(summary[m]["mean_dice"] > summary[other]["mean_dice"],
+                          f"{m} beats {other} ({summary[m]['mean_dice']:.4f} vs {summary[other]['mean_dice']:.4f})")
+    if "unseen_pieces" in g:
+        u = g["unseen_pieces"]
+        check(u["gain_percent_mean"] >= 0, f"pieces on the unseen architecture: {u['gain_percent_mean']:+.2f}%")
     return lines
 
 
@@ -76,6 +94,9 @@ def main() -> int:
     parser.add_argument("--dataset", help="a BTCV-layout folder instead of generated phantoms (one run)")
     parser.add_argument("--methods", nargs="+", choices=METHODS,
                         help="the methods (default all but refnet_components)")
+    parser.add_argument("--add-methods", nargs="+", choices=METHODS, metavar="METHOD",
+                        help="score these methods on the seeds already finished under --out (their base models "
+                             "and refnet_label.pt are reused) and add them to each run.json")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -89,8 +110,16 @@ def main() -> int:
         folder = out / ("dataset" if args.dataset else f"seed{seed}")
         done = folder / "run.json"
         if done.exists():
-            runs.append(json.loads(done.read_text()))
+            run = json.loads(done.read_text())
+            if args.add_methods:
+                wanted = set(args.add_methods) | {NEEDS[m] for m in args.add_methods if m in NEEDS}
+                run = add_methods(folder, run, replace(config, methods=tuple(m for m in METHODS if m in wanted)))
+                write_json(done, run)
+                print(f"seed {seed}: added {sorted(wanted)}", flush=True)
+            runs.append(run)
             continue
+        if args.add_methods:
+            parser.error(f"--add-methods: {done} does not exist; run the seed first (without --add-methods).")
         run = run_quality(folder, config, seed=seed, dataset=args.dataset)
         write_json(done, run)
         runs.append(run)

@@ -17,8 +17,12 @@ test cases these methods are scored against the ground truth:
   component size as an input channel
   (:mod:`refnet.components`): the connectivity cleanup decides on, which a 2D net cannot see (added after
   the five seeds showed cleanup ahead of RefNet; its preset is ``refnet_label``'s, nothing else changed);
-- ``unseen_raw`` / ``unseen_refnet_label``: a base model of an architecture RefNet never trained on,
-  before and after ``refnet_label``.
+- ``pieces``: raw with the pieces a learned keep/drop decision rejects removed (:mod:`refnet.pieces`;
+  trained on the K models' out-of-fold training predictions and the training truths; added after the
+  five seeds showed cleanup ahead of RefNet, frozen on development seed 10 before any test seed ran it);
+- ``refnet_label_pieces``: ``refnet_label``'s output with the same decision after it;
+- ``unseen_raw`` / ``unseen_refnet_label`` / ``unseen_pieces``: a base model of an architecture RefNet and
+  the decider never trained on, before and after ``refnet_label`` and ``pieces``.
 
 Metrics per class and case: Dice (the paper's 13-class mean), NSD with FLARE22's tolerances and HD95
 (:mod:`refnet.surface`), false-positive volume. :func:`summarise_quality` pools seeds and gives the
@@ -41,19 +45,20 @@ from .labels import CLASS_NAMES, NUM_CLASSES
 from .pipeline import DemoConfig, extra_anatomy_maps, train_segmenters
 from .stats import paired_interval
 
-__all__ = ["DEFAULT_METHODS", "METHODS", "QualityConfig", "quality_table", "run_quality", "save_gain_chart",
-           "summarise_quality"]
+__all__ = ["DEFAULT_METHODS", "METHODS", "QualityConfig", "add_methods", "quality_table", "run_quality",
+           "save_gain_chart", "summarise_quality"]
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("raw", "cleanup", "average", "refnet_label", "refnet_ct", "refnet_paper", "refnet_label_cleanup",
-           "refnet_components", "unseen_raw", "unseen_refnet_label")
+           "refnet_components", "pieces", "refnet_label_pieces", "unseen_raw", "unseen_refnet_label", "unseen_pieces")
 # What a run scores unless told otherwise: refnet_components is opt-in (--methods), because a fourth RefNet
 # would take the --quick seed past its 30 minutes on 2 cores and it gained nothing on development data
 # (benchmarks/refnet_variants.py).
 DEFAULT_METHODS = tuple(m for m in METHODS if m != "refnet_components")
 BASELINE = {m: "unseen_raw" if m.startswith("unseen_") else "raw" for m in METHODS}  # what a method is compared with
 REFNETS = ("refnet_label", "refnet_ct", "refnet_paper", "refnet_components")
+NEEDS = {"unseen_refnet_label": "unseen_raw", "unseen_pieces": "unseen_raw", "refnet_label_cleanup": "cleanup"}
 
 
 def _varied_demo() -> DemoConfig:
@@ -84,15 +89,15 @@ class QualityConfig:
     folds: int = 2  # cross-validation folds of each base model's training-case predictions
     unseen: Any = field(default_factory=_unseen)  # SegmenterConfig of the architecture RefNet never sees
     methods: tuple[str, ...] = DEFAULT_METHODS
+    decider_epochs: int = 400  # training epochs of each MLP of the piece decider (refnet.pieces)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}.")
-        if "unseen_refnet_label" in self.methods and "unseen_raw" not in self.methods:
-            raise ValueError("unseen_refnet_label needs unseen_raw (its baseline) in methods.")
-        if "refnet_label_cleanup" in self.methods and "cleanup" not in self.methods:
-            raise ValueError("refnet_label_cleanup needs cleanup (its post-processing plan) in methods.")
+        for method, needed in NEEDS.items():
+            if method in self.methods and needed not in self.methods:
+                raise ValueError(f"{method} needs {needed} (its baseline or its plan) in methods.")
 
     def train_config(self, method: str) -> Any:
         """The RefNet training preset of a RefNet method."""
@@ -162,8 +167,7 @@ def run_quality(
         unseen, = train_segmenters(data, out, [unseen_config], holdout=holdout, device=demo.device,
                                    progress=progress)
     timings["segmenters_s"] = time.perf_counter() - t0
-    wanted = [m for m in REFNETS if m in config.methods or (m == "refnet_label" and (
-        unseen is not None or "refnet_label_cleanup" in config.methods))]
+    wanted = [m for m in REFNETS if m in config.methods or (m == "refnet_label" and _needs_refnet_label(config))]
     needs_ct = "refnet_ct" in wanted
     pairs = load_training_pairs(data, folders, with_ct=needs_ct)
     models = {}
@@ -176,26 +180,89 @@ def run_quality(
                                       progress=progress, extra_maps=extra,
                                       provenance={"data": "quality benchmark", "method": method})
     timings["refnets_s"] = time.perf_counter() - t0 - sum(timings.values())
-    plan = {}
-    if "cleanup" in config.methods:
-        from .cleanup import choose_cleanup
-
-        oof = [p for p in pairs if p.source == folders[0].name]
-        plan = choose_cleanup([p.raw for p in oof], [p.target for p in oof])
-    scores = _score_test_cases(data, cases, config, folders, unseen, models, plan, out)
+    plan = _cleanup_plan(pairs, folders[0].name) if "cleanup" in config.methods else {}
+    decider = _fit_decider(pairs, out, seed, config.decider_epochs) if _needs_decider(config) else None
+    scores = _score_test_cases(data, cases, config, folders, unseen, models, plan, out, decider)
     timings["evaluate_s"] = time.perf_counter() - t0 - sum(timings.values())
     return {"seed": seed, "dataset": str(data), "cases": [c for c in sorted(cases) if c not in set(train_ids)],
             "methods": scores, "cleanup": {CLASS_NAMES[c]: steps for c, steps in plan.items()},
-            "raw_source": folders[0].name, "unseen_source": unseen.name if unseen else None,
+            "raw_source": folders[0].name, "sources": [f.name for f in folders],
+            "unseen_source": unseen.name if unseen else None,
             "timings": {k: round(v, 1) for k, v in timings.items()}}
 
 
-def _score_test_cases(data, cases, config, folders, unseen, models, plan, out) -> dict[str, dict[str, list]]:
+def _needs_refnet_label(config: QualityConfig) -> bool:
+    return any(m in config.methods for m in ("unseen_refnet_label", "refnet_label_cleanup", "refnet_label_pieces"))
+
+
+def _needs_decider(config: QualityConfig) -> bool:
+    return any(m in config.methods for m in ("pieces", "refnet_label_pieces", "unseen_pieces"))
+
+
+def _cleanup_plan(pairs: list[Any], source: str) -> dict[int, list[str]]:
+    """Cleanup's per-class steps, chosen on the raw model's out-of-fold training predictions."""
+    from .cleanup import choose_cleanup
+
+    oof = [p for p in pairs if p.source == source]
+    return choose_cleanup([p.raw for p in oof], [p.target for p in oof])
+
+
+def _fit_decider(pairs: list[Any], out: Path, seed: int, epochs: int) -> Any:
+    """The piece decider, trained on every model's out-of-fold maps and the training truths; saved as pieces.pt."""
+    from .pieces import PieceDecider
+    from .spacing import voxel_spacing
+
+    truths = list({p.case_id: p for p in pairs}.values())  # correct maps: what must come back untouched
+    raws = [p.raw for p in pairs] + [p.target for p in truths]
+    targets = [p.target for p in pairs] + [p.target for p in truths]
+    spacings = [voxel_spacing(p.affine) for p in pairs] + [voxel_spacing(p.affine) for p in truths]
+    groups = [p.case_id for p in pairs] + [p.case_id for p in truths]
+    decider = PieceDecider.fit(raws, targets, spacings, groups, seed=seed, epochs=epochs,
+                               provenance={"data": "quality benchmark out-of-fold maps and training truths",
+                                           "sources": sorted({p.source for p in pairs})})
+    decider.save(out / "pieces.pt")
+    logger.info("piece decider: cut-off %.2f, %s", decider.threshold, decider.provenance["cross_validation"])
+    return decider
+
+
+def add_methods(out_dir: str | os.PathLike, run: dict[str, Any], config: QualityConfig) -> dict[str, Any]:
+    """Score ``config.methods`` on a finished run's folder and return the run with them added.
+
+    For methods added after a seed was run: the base models' predictions and ``refnet_label.pt`` are
+    read from the folder (nothing is retrained but what the new methods need: the piece decider,
+    the cleanup plan), the test cases are the same, and the methods already there are kept as they are.
+    """
+    from .checkpoint import load_model
+    from .data.btcv import find_cases
+    from .pairs import load_training_pairs
+
+    out = Path(out_dir)
+    data = Path(run["dataset"])
+    predictions = out / "predictions"
+    # The K training models: recorded by runs since "sources" existed, else every other prediction folder.
+    others = sorted(p.name for p in predictions.iterdir()
+                    if p.is_dir() and p.name not in (run["raw_source"], run["unseen_source"]))
+    names = run.get("sources") or [run["raw_source"], *others]
+    folders = [predictions / name for name in names]
+    unseen = predictions / run["unseen_source"] if run.get("unseen_source") else None
+    if any(m.startswith("unseen_") for m in config.methods) and unseen is None:
+        raise ValueError(f"{out}: this run has no unseen architecture to score {list(config.methods)} on.")
+    pairs = load_training_pairs(data, folders)
+    models = {"refnet_label": load_model(out / "refnet_label.pt", device=config.demo.device)} \
+        if _needs_refnet_label(config) else {}
+    plan = _cleanup_plan(pairs, folders[0].name) if "cleanup" in config.methods else {}
+    decider = _fit_decider(pairs, out, run["seed"], config.decider_epochs) if _needs_decider(config) else None
+    scores = _score_test_cases(data, find_cases(data), config, folders, unseen, models, plan, out, decider)
+    return {**run, "methods": {**run["methods"], **scores}}
+
+
+def _score_test_cases(data, cases, config, folders, unseen, models, plan, out,
+                      decider=None) -> dict[str, dict[str, list]]:
     """Per method, per test case: Dice, NSD, HD95 and false-positive mL vectors."""
     from .cleanup import apply_cleanup
     from .data.btcv import load_case, split_cases
     from .evaluate import dice_per_class, false_positive_ml
-    from .geometry import to_canonical
+    from .geometry import canonical_affine, to_canonical
     from .io import read_affine
     from .refine import refine_labels
     from .segmenters import load_prediction_folder, load_segmenter, predict_ensemble
@@ -217,6 +284,7 @@ def _score_test_cases(data, cases, config, folders, unseen, models, plan, out) -
         ct, target = load_case(case)
         raw = raw_preds[case.case_id]
         maps: dict[str, np.ndarray] = {"raw": raw}
+        canonical_spacing = voxel_spacing(canonical_affine(ct.affine, raw.shape))
         if "cleanup" in config.methods:
             canon, reo = to_canonical(raw, ct.affine)
             maps["cleanup"] = reo.backward(apply_cleanup(canon, plan))
@@ -234,6 +302,11 @@ def _score_test_cases(data, cases, config, folders, unseen, models, plan, out) -
             if "unseen_refnet_label" in config.methods:
                 maps["unseen_refnet_label"] = refine_labels(unseen_preds[case.case_id], ct.affine,
                                                             models["refnet_label"])
+        for method, source in (("pieces", "raw"), ("refnet_label_pieces", "refnet_label"),
+                               ("unseen_pieces", "unseen_raw")):
+            if method in config.methods:
+                canon, reo = to_canonical(maps[source], ct.affine)
+                maps[method] = reo.backward(decider.apply(canon, canonical_spacing))
         spacing = voxel_spacing(ct.affine)
         ml = float(np.prod(spacing)) / 1000.0
         for method in config.methods:

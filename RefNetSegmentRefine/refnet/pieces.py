@@ -1,0 +1,464 @@
+"""Keep or drop each connected piece of a label map: a decision learned from a model's own mistakes.
+
+A 2D refiner reads a few slices at a time and never sees that a blob of "left kidney" lies on the
+spleen, or that a 15-voxel "gallbladder" is all there is of a gallbladder that was removed. Classical
+cleanup (:mod:`refnet.cleanup`) sees connectivity but decides with one rule per class (keep the largest
+piece or not), so it cannot keep two adrenal glands and drop a speck of liver in the same map, and it
+never drops an organ the patient does not have. On the benchmark's development seed, removing every
+raw piece that touches none of its organ's ground truth would gain +4.25% mean Dice, more than half of
+it from organs predicted in patients who lack them; cleanup gains +0.92%.
+
+:class:`PieceDecider` learns the decision per piece from out-of-fold predictions (the errors models make
+on cases they did not see) paired with ground truth. Each 26-connected piece of each class is described
+by physical, field-of-view-independent features (:func:`find_pieces`): its volume in mL, its size
+against its class's largest piece and against the class's typical volume in the training truth, what
+it touches, where it lies against the class's largest piece, and the class. Its target
+(:func:`drop_helps`) is whether removing it raises the class's Dice on that case (or the class is absent
+from the truth). A small MLP (torch) scores the pieces; a piece is dropped when the score passes 0.5
+and the no-harm gates allow it (:class:`PieceGates`): a class's largest piece only goes when the whole
+class is implausibly small, and nothing of a class above its typical volume's floor is dropped wholesale.
+
+Written by hand because no medical-imaging library learns connected-component decisions: MONAI and
+nnU-Net offer only the fixed largest-component rule.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .labels import NUM_CLASSES
+
+__all__ = ["FEATURE_NAMES", "PieceDecider", "PieceGates", "Pieces", "drop_helps", "find_pieces"]
+
+_STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connected, as refnet.cleanup and MONAI
+FEATURE_NAMES = (
+    ["log_ml", "log_of_largest", "is_largest", "log_class_of_typical", "log_pieces", "gap_mm", "dx", "dy", "dz"]
+    + [f"touch_{c}" for c in range(NUM_CLASSES)]
+    + [f"class_{c}" for c in range(NUM_CLASSES)]
+)
+
+
+@dataclass
+class Pieces:
+    """The connected pieces of one label map, with what is needed to remove any of them.
+
+    Attributes:
+        cls: (N,) class of each piece.
+        voxels: (N,) voxel count of each piece.
+        features: (N, F) :data:`FEATURE_NAMES` values (without the typical-volume column filled in
+            until :meth:`PieceDecider.features` does it).
+        boxes: per class, the bounding-box slices of its voxels.
+        parts: per class, the component labels inside its box (1..n; piece ``index`` of the class).
+        index: (N,) component label of each piece in its class's ``parts``.
+    """
+
+    cls: np.ndarray
+    voxels: np.ndarray
+    features: np.ndarray
+    boxes: dict[int, tuple[slice, ...]] = field(default_factory=dict)
+    parts: dict[int, np.ndarray] = field(default_factory=dict)
+    index: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
+
+    def mask(self, n: int, shape: tuple[int, ...]) -> np.ndarray:
+        """Boolean (X, Y, Z) mask of piece ``n``."""
+        out = np.zeros(shape, dtype=bool)
+        c = int(self.cls[n])
+        out[self.boxes[c]] = self.parts[c] == self.index[n]
+        return out
+
+
+def find_pieces(labels: np.ndarray, spacing: Sequence[float], *, num_classes: int = NUM_CLASSES) -> Pieces:
+    """Every 26-connected piece of every organ class of ``labels`` (canonical RAS), with its features.
+
+    Features are in mm and mL and relative to the map's own pieces, so they do not depend on the voxel
+    grid or on how much background surrounds the labels.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"find_pieces needs a 3D label map, got shape {labels.shape}.")
+    spacing = np.asarray(spacing, dtype=np.float64)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    rows, classes, counts, indices, boxes_out, parts_out = [], [], [], [], {}, {}
+    for cls, box in enumerate(ndimage.find_objects(labels, max_label=num_classes - 1), start=1):
+        if box is None:
+            continue
+        mask = labels[box] == cls
+        parts, count = ndimage.label(mask, structure=_STRUCTURE)
+        boxes_out[cls], parts_out[cls] = box, parts
+        sizes = np.bincount(parts.ravel(), minlength=count + 1)[1:]
+        largest = int(np.argmax(sizes))
+        offset = np.array([s.start for s in box], dtype=np.float64)
+        centres = np.array(ndimage.center_of_mass(mask, parts, range(1, count + 1)), dtype=np.float64)
+        centres = (centres.reshape(count, 3) + offset) * spacing
+        # mm from each piece to the largest one: scipy's exact EDT, its minimum over each piece at once.
+        gaps = ndimage.minimum(ndimage.distance_transform_edt(parts != largest + 1, sampling=spacing), parts,
+                               np.arange(1, count + 1))
+        for n, piece_box in enumerate(ndimage.find_objects(parts)):
+            touch = _touching(labels, box, piece_box, parts, n + 1, num_classes)
+            gap = float(gaps[n])
+            d = (centres[n] - centres[largest]) / 100.0
+            one_hot = np.zeros(num_classes)
+            one_hot[cls] = 1.0
+            rows.append(np.concatenate([
+                [np.log10(sizes[n] * voxel_ml), np.log10(sizes[n] / sizes[largest]), float(n == largest),
+                 0.0, np.log10(count), min(gap, 300.0) / 100.0, *d], touch, one_hot]))
+            classes.append(cls)
+            counts.append(int(sizes[n]))
+            indices.append(n + 1)
+    features = np.array(rows, dtype=np.float64).reshape(len(rows), len(FEATURE_NAMES))
+    return Pieces(np.array(classes, int), np.array(counts, np.int64), features, boxes_out, parts_out,
+                  np.array(indices, int))
+
+
+def _touching(labels, box, piece_box, parts, n, num_classes) -> np.ndarray:
+    """Share of the voxels around piece ``n`` (its one-voxel shell) that are each class."""
+    lo = [b.start + p.start - 1 for b, p in zip(box, piece_box)]
+    hi = [b.start + p.stop + 1 for b, p in zip(box, piece_box)]
+    clip_lo = [max(v, 0) for v in lo]
+    clip_hi = [min(v, s) for v, s in zip(hi, labels.shape)]
+    window = labels[tuple(slice(a, b) for a, b in zip(clip_lo, clip_hi))]
+    own = np.zeros(window.shape, dtype=bool)
+    inner = tuple(slice(b.start + p.start - a, b.start + p.stop - a) for b, p, a in zip(box, piece_box, clip_lo))
+    own[inner] = parts[piece_box] == n
+    shell = ndimage.binary_dilation(own, structure=_STRUCTURE) & ~own
+    hist = np.bincount(window[shell].astype(np.int64), minlength=num_classes)[:num_classes].astype(np.float64)
+    return hist / max(hist.sum(), 1.0)
+
+
+def drop_helps(pieces: Pieces, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per piece: does removing it alone raise its class's Dice on this case, and by how much.
+
+    Removing a piece of ``s`` voxels of which ``tp`` are right raises the class's Dice exactly when its
+    precision ``tp / s`` is below half the class's Dice ``2 TP / (P + G)``. A class the truth lacks
+    scores no Dice at all once every piece is gone (the benchmark leaves absent-absent classes out), so
+    each of its pieces is a drop, weighted by its share of the class.
+
+    Returns:
+        ``(helps, weight)``: bool (N,) and float (N,) |Dice change| (used to weight training).
+    """
+    stats = _Counts.of(pieces, target)
+    helps = np.zeros(len(pieces.cls), dtype=bool)
+    weight = np.zeros(len(pieces.cls), dtype=np.float64)
+    for n, c in enumerate(pieces.cls):
+        p, tp_total, g = stats.p[c], stats.tp[c], stats.g[c]
+        s, tp = pieces.voxels[n], stats.piece_tp[n]
+        if g == 0:
+            helps[n], weight[n] = True, s / p
+            continue
+        before = 2.0 * tp_total / (p + g)
+        after = 2.0 * (tp_total - tp) / (p - s + g)
+        helps[n], weight[n] = after > before, abs(after - before)
+    return helps, weight
+
+
+@dataclass
+class _Counts:
+    """Voxel counts that give each class's Dice after any set of drops without touching the voxels."""
+
+    p: np.ndarray  # (C,) predicted voxels per class
+    tp: np.ndarray  # (C,) true positives per class
+    g: np.ndarray  # (C,) ground-truth voxels per class
+    piece_tp: np.ndarray  # (N,) true positives per piece
+
+    @classmethod
+    def of(cls, pieces: Pieces, target: np.ndarray) -> _Counts:
+        piece_tp = np.zeros(len(pieces.cls), dtype=np.int64)
+        for c, parts in pieces.parts.items():
+            hits = np.bincount(parts[target[pieces.boxes[c]] == c], minlength=int(parts.max()) + 1)
+            mine = pieces.cls == c
+            piece_tp[mine] = hits[pieces.index[mine]]
+        p = np.bincount(pieces.cls, weights=pieces.voxels, minlength=NUM_CLASSES)
+        tp = np.bincount(pieces.cls, weights=piece_tp, minlength=NUM_CLASSES)
+        g = np.bincount(np.asarray(target).ravel().astype(np.int64), minlength=NUM_CLASSES)[:NUM_CLASSES]
+        return cls(p, tp, g.astype(np.float64), piece_tp)
+
+    def organ_dice(self, pieces: Pieces, drop: np.ndarray) -> np.ndarray:
+        """(C-1,) organ Dice after dropping ``drop`` (NaN where both maps lack the class)."""
+        p = self.p - np.bincount(pieces.cls[drop], weights=pieces.voxels[drop], minlength=NUM_CLASSES)
+        tp = self.tp - np.bincount(pieces.cls[drop], weights=self.piece_tp[drop], minlength=NUM_CLASSES)
+        total = p + self.g
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(total > 0, 2.0 * tp / total, np.nan)[1:]
+
+
+@dataclass(frozen=True)
+class PieceGates:
+    """What the decider may never do, whatever it scores (the no-harm rules).
+
+    Attributes:
+        class_floor: a class's largest piece (and so the whole class) may go only when the class's
+            total volume is below this fraction of its typical volume in the training truth.
+    """
+
+    class_floor: float = 0.2
+
+    def allow(self, pieces: Pieces, drop: np.ndarray, class_ml: np.ndarray, typical: np.ndarray) -> np.ndarray:
+        """``drop`` with the gates applied: a class keeps its largest piece or goes as a whole."""
+        drop = np.array(drop, dtype=bool, copy=True)
+        if not len(drop):
+            return drop
+        small_class = (typical > 0) & (class_ml < self.class_floor * typical)
+        largest = pieces.features[:, FEATURE_NAMES.index("is_largest")] > 0.5
+        drop &= ~largest | small_class
+        for c in np.unique(pieces.cls[largest & drop]):
+            drop[pieces.cls == c] = True
+        return drop
+
+
+THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # drop-probability cut-offs the inner cross-validation chooses from
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.Linear(len(FEATURE_NAMES), width), torch.nn.ReLU(),
+                                          torch.nn.Linear(width, width), torch.nn.ReLU(),
+                                          torch.nn.Linear(width, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x).squeeze(-1)
+
+
+@dataclass
+class PieceDecider:
+    """A trained keep/drop scorer for the pieces of a label map, with its cut-off and gates.
+
+    Attributes:
+        typical_ml: per class, the median volume (mL) of the class in the training truth (0: unseen).
+        mean, scale: feature standardisation from the training pieces.
+        states: the weights of each MLP of the ensemble (their probabilities are averaged).
+        threshold: drop when the probability is above this (chosen by inner cross-validation in :meth:`fit`).
+        gates: :class:`PieceGates`.
+        width: MLP width.
+        provenance: what it was trained on, and the cross-validation's figures.
+    """
+
+    typical_ml: list[float]
+    mean: list[float]
+    scale: list[float]
+    states: list[dict[str, Any]]
+    threshold: float = 0.5
+    gates: PieceGates = field(default_factory=PieceGates)
+    width: int = 32
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def features(self, pieces: Pieces, spacing: Sequence[float]) -> np.ndarray:
+        """The pieces' features with the class's volume against its typical volume filled in."""
+        feats = pieces.features.copy()
+        if not len(feats):
+            return feats
+        class_ml = _class_ml(pieces, spacing)
+        typical = np.asarray(self.typical_ml)[pieces.cls]
+        feats[:, 3] = np.where(typical > 0, np.log10(class_ml / np.maximum(typical, 1e-6)), 0.0)
+        return feats
+
+    def scores(self, pieces: Pieces, spacing: Sequence[float]) -> np.ndarray:
+        """Drop probability of each piece (before the cut-off and the gates)."""
+        return _predict(self.states, self.width, self._standard(self.features(pieces, spacing)))
+
+    def decide(self, labels: np.ndarray, spacing: Sequence[float]) -> tuple[Pieces, np.ndarray]:
+        """The pieces of ``labels`` (canonical RAS) and which of them to drop (bool (N,)), gates applied."""
+        pieces = find_pieces(labels, spacing)
+        drop = self.scores(pieces, spacing) > self.threshold
+        return pieces, self.gates.allow(pieces, drop, _class_ml(pieces, spacing),
+                                        np.asarray(self.typical_ml)[pieces.cls])
+
+    def apply(self, labels: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+        """``labels`` (canonical RAS) with the dropped pieces set to background (a copy)."""
+        pieces, drop = self.decide(labels, spacing)
+        out = np.array(labels, copy=True)
+        for n in np.nonzero(drop)[0]:
+            c = int(pieces.cls[n])
+            view = out[pieces.boxes[c]]
+            view[pieces.parts[c] == pieces.index[n]] = 0
+        return out
+
+    def _standard(self, feats: np.ndarray) -> np.ndarray:
+        return (feats - np.asarray(self.mean)) / np.asarray(self.scale)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the decider (weights, standardisation, cut-off, gates) as one torch file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"typical_ml": self.typical_ml, "mean": self.mean, "scale": self.scale, "states": self.states,
+                   "threshold": self.threshold, "gates": asdict(self.gates), "width": self.width,
+                   "provenance": self.provenance, "features": list(FEATURE_NAMES)}
+        torch.save(payload, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> PieceDecider:
+        """Read a decider written by :meth:`save`.
+
+        Raises:
+            ValueError: not a decider file, or one made for other features.
+        """
+        try:
+            payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except Exception as err:  # a truncated or foreign file: say what it should be
+            raise ValueError(f"{path}: cannot be read as a RefNet piece decider ({err}).") from None
+        if not isinstance(payload, dict) or payload.get("features") != list(FEATURE_NAMES):
+            raise ValueError(f"{path}: not a RefNet piece decider of this version; train one with "
+                             "refnet.pieces.PieceDecider.fit (or the quality benchmark).")
+        return cls(payload["typical_ml"], payload["mean"], payload["scale"], payload["states"],
+                   payload["threshold"], PieceGates(**payload["gates"]), payload["width"],
+                   payload.get("provenance", {}))
+
+    @classmethod
+    def fit(cls, raws: Sequence[np.ndarray], targets: Sequence[np.ndarray], spacings: Sequence[Sequence[float]],
+            groups: Sequence[int] | None = None, *, gates: PieceGates | None = None, width: int = 32,
+            epochs: int = 400, ensemble: int = 3, max_pieces: int = 20_000, seed: int = 0,
+            provenance: dict[str, Any] | None = None) -> PieceDecider:
+        """Learn the decision from predictions (out-of-fold ones) paired with their ground truth.
+
+        A noisy model can leave hundreds of thousands of specks; the nets train on at most ``max_pieces``
+        of them (a fixed random draw per map, in proportion), which keeps the cost bounded.
+
+        The cut-off is chosen from :data:`THRESHOLDS` by a 2-fold cross-validation over ``groups`` (the
+        case of each map, so one case's maps stay on one side): the one whose drops raise the held-out
+        maps' mean organ Dice most (ties: the higher, more cautious one); none of them helping keeps
+        every piece (cut-off 1.0). Nothing but the training maps is looked at.
+
+        Raises:
+            ValueError: no pairs, mismatched lengths, or no pieces to learn from.
+        """
+        if not raws or len(raws) != len(targets) or len(raws) != len(spacings):
+            raise ValueError("PieceDecider.fit needs one target and one spacing per prediction, and at least one.")
+        groups = list(range(len(raws))) if groups is None else list(groups)
+        gates = gates or PieceGates()
+        typical = _typical_ml(targets, spacings)
+        blank = cls(typical, [0.0] * len(FEATURE_NAMES), [1.0] * len(FEATURE_NAMES), [], 0.5, gates, width)
+        maps = []
+        for raw, target, spacing, group in zip(raws, targets, spacings, groups):
+            pieces = find_pieces(raw, spacing)
+            if len(pieces.cls):
+                helps, weight = drop_helps(pieces, target)
+                maps.append(_Map(pieces, blank.features(pieces, spacing), helps, weight,
+                                 _Counts.of(pieces, target), _class_ml(pieces, spacing), group))
+        if not maps:
+            raise ValueError("PieceDecider.fit: the predictions have no labelled pieces to learn from.")
+        total = sum(len(m.helps) for m in maps)
+        rng = np.random.default_rng(seed)
+        for m in maps:  # which pieces the nets train on (the Dice of the cut-off choice counts all of them)
+            keep = min(len(m.helps), max(1, round(max_pieces * len(m.helps) / total)))
+            m.train = np.sort(rng.choice(len(m.helps), keep, replace=False)) if keep < len(m.helps) else None
+        x = np.concatenate([m.features for m in maps])
+        mean, scale = x.mean(axis=0), x.std(axis=0)
+        scale[scale < 1e-6] = 1.0
+        blank.mean, blank.scale = mean.tolist(), scale.tolist()
+        threshold, cv = _choose_threshold(blank, maps, epochs=epochs, ensemble=ensemble, seed=seed)
+        blank.states = _fit_states(blank, maps, epochs=epochs, ensemble=ensemble, seed=seed)
+        blank.threshold = threshold
+        blank.provenance = {**(provenance or {}), "maps": len(raws), "pieces": len(x),
+                            "drops_helping": int(sum(m.helps.sum() for m in maps)), "cross_validation": cv}
+        return blank
+
+
+@dataclass
+class _Map:
+    pieces: Pieces
+    features: np.ndarray
+    helps: np.ndarray
+    weight: np.ndarray
+    counts: _Counts
+    class_ml: np.ndarray
+    group: int
+    train: np.ndarray | None = None  # indices of the pieces the nets train on (None: all)
+
+    def part(self, values: np.ndarray) -> np.ndarray:
+        return values if self.train is None else values[self.train]
+
+
+def _fit_states(decider: PieceDecider, maps: Sequence[_Map], *, epochs: int, ensemble: int,
+                seed: int) -> list[dict[str, Any]]:
+    x = decider._standard(np.concatenate([m.part(m.features) for m in maps]))
+    y = np.concatenate([m.part(m.helps) for m in maps]).astype(np.float64)
+    w = np.concatenate([m.part(m.weight) for m in maps])
+    return [_train(x, y, w, width=decider.width, epochs=epochs, seed=seed + k) for k in range(ensemble)]
+
+
+def _choose_threshold(decider: PieceDecider, maps: Sequence[_Map], *, epochs: int, ensemble: int,
+                      seed: int) -> tuple[float, dict[str, Any]]:
+    """The cut-off whose drops raise held-out maps' mean organ Dice most, by 2-fold CV over case groups."""
+    groups = sorted({m.group for m in maps})
+    if len(groups) < 2:
+        return 0.5, {"note": "one case: no cross-validation, cut-off 0.5"}
+    fold_of = {g: n % 2 for n, g in enumerate(groups)}
+    gain = {t: 0.0 for t in THRESHOLDS}
+    for fold in (0, 1):
+        train = [m for m in maps if fold_of[m.group] != fold]
+        held = [m for m in maps if fold_of[m.group] == fold]
+        if not train or not held:
+            continue
+        states = _fit_states(decider, train, epochs=epochs, ensemble=ensemble, seed=seed)
+        for m in held:
+            prob = _predict(states, decider.width, decider._standard(m.features))
+            typical = np.asarray(decider.typical_ml)[m.pieces.cls]
+            before = _mean(m.counts.organ_dice(m.pieces, np.zeros(len(prob), bool)))
+            for t in THRESHOLDS:
+                drop = decider.gates.allow(m.pieces, prob > t, m.class_ml, typical)
+                gain[t] += _mean(m.counts.organ_dice(m.pieces, drop)) - before
+    best = max(THRESHOLDS, key=lambda t: (round(gain[t], 6), t))
+    chosen = best if gain[best] > 0 else 1.0
+    return chosen, {"mean_organ_dice_gain_sum": {str(t): round(v, 5) for t, v in gain.items()},
+                    "threshold": chosen}
+
+
+def _mean(values: np.ndarray) -> float:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else 0.0
+
+
+def _predict(states: Sequence[dict[str, Any]], width: int, x: np.ndarray) -> np.ndarray:
+    if not len(x):
+        return np.zeros(0)
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    probs = []
+    for state in states:
+        net = _Net(width)
+        net.load_state_dict(state)
+        with torch.no_grad():
+            probs.append(torch.sigmoid(net(xt)).numpy().astype(np.float64))
+    return np.mean(probs, axis=0)
+
+
+def _class_ml(pieces: Pieces, spacing: Sequence[float]) -> np.ndarray:
+    """Per piece, its class's total labelled volume in mL."""
+    voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
+    totals = np.bincount(pieces.cls, weights=pieces.voxels, minlength=NUM_CLASSES)
+    return totals[pieces.cls] * voxel_ml
+
+
+def _typical_ml(targets: Sequence[np.ndarray], spacings: Sequence[Sequence[float]]) -> list[float]:
+    """Median volume (mL) of each class over the truths that have it (0 where none has it)."""
+    volumes: list[list[float]] = [[] for _ in range(NUM_CLASSES)]
+    for target, spacing in zip(targets, spacings):
+        voxel_ml = float(np.prod(np.asarray(spacing, dtype=np.float64))) / 1000.0
+        counts = np.bincount(np.asarray(target).ravel().astype(np.int64), minlength=NUM_CLASSES)[:NUM_CLASSES]
+        for c in range(1, NUM_CLASSES):
+            if counts[c]:
+                volumes[c].append(float(counts[c]) * voxel_ml)
+    return [float(np.median(v)) if v else 0.0 for v in volumes]
+
+
+def _train(x: np.ndarray, y: np.ndarray, w: np.ndarray, *, width: int, epochs: int, seed: int) -> dict[str, Any]:
+    """Full-batch AdamW on the weighted binary cross-entropy; pieces weigh by the Dice they move."""
+    torch.manual_seed(seed)
+    net = _Net(width)
+    xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+    wt = torch.as_tensor(w + 1e-3, dtype=torch.float32)
+    loss_fn = torch.nn.BCEWithLogitsLoss(weight=wt / wt.mean())
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2, weight_decay=1e-2)
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss_fn(net(xt), yt).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}

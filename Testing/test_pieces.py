@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+import torch
+from refnet.evaluate import dice_per_class
+from refnet.pieces import FEATURE_NAMES, PieceDecider, PieceGates, _Counts, drop_helps, find_pieces
+
+LIVER, KIDNEY, GALLBLADDER, ADRENAL = 6, 3, 4, 12
+
+
+def _truth(gallbladder: bool = False) -> np.ndarray:
+    """A liver block, a kidney block and two adrenal glands (one class, two pieces) on a 40^3 grid."""
+    t = np.zeros((40, 40, 40), np.uint8)
+    if gallbladder:
+        t[20:24, 32:36, 4:8] = GALLBLADDER
+    t[4:20, 4:30, 4:30] = LIVER
+    t[26:36, 10:20, 10:20] = KIDNEY
+    t[24:27, 30:33, 20:23] = ADRENAL
+    t[33:36, 30:33, 20:23] = ADRENAL
+    return t
+
+
+def _with_errors(truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The truth plus liver specks in the background and, where the truth lacks one, a small gallbladder."""
+    raw = truth.copy()
+    for _ in range(3):
+        x, y, z = rng.integers(22, 37), rng.integers(2, 8), rng.integers(30, 37)
+        raw[x:x + 2, y:y + 2, z:z + 2] = LIVER
+    if not (truth == GALLBLADDER).any():
+        raw[36:38, 36:38, 2:4] = GALLBLADDER
+    return raw
+
+
+def test_pieces_features_are_physical():
+    t = _truth()
+    t[30:32, 2:4, 34:36] = LIVER  # a speck far from the liver
+    one, two = find_pieces(t, (1.0, 1.0, 1.0)), find_pieces(t, (2.0, 2.0, 2.0))
+    assert sorted(one.cls.tolist()) == [KIDNEY, LIVER, LIVER, ADRENAL, ADRENAL]
+    speck = int(np.nonzero((one.cls == LIVER) & (one.voxels == 8))[0][0])
+    f1, f2 = one.features[speck], two.features[speck]
+    col = {n: i for i, n in enumerate(FEATURE_NAMES)}
+    assert f1[col["is_largest"]] == 0 and f1[col["log_of_largest"]] == pytest.approx(np.log10(8 / (16 * 26 * 26)))
+    assert f2[col["gap_mm"]] == pytest.approx(2 * f1[col["gap_mm"]])  # mm, not voxels
+    assert f2[col["log_ml"]] == pytest.approx(f1[col["log_ml"]] + np.log10(8), abs=1e-3)
+    assert f1[col["touch_0"]] == pytest.approx(1.0)  # all around it is background
+    assert one.mask(speck, t.shape).sum() == 8
+
+
+def test_drop_helps_and_counts_match_dice():
+    t = _truth()
+    raw = _with_errors(t, np.random.default_rng(0))
+    pieces = find_pieces(raw, (1.0, 1.0, 1.0))
+    helps, weight = drop_helps(pieces, t)
+    for n, c in enumerate(pieces.cls):
+        right = pieces.voxels[n] > 100 or c == ADRENAL
+        assert helps[n] == (not right), (c, pieces.voxels[n])
+    assert helps[pieces.cls == GALLBLADDER].all()  # a class the truth lacks
+    # The counts give exactly the Dice of the map with the drops applied.
+    counts = _Counts.of(pieces, t)
+    out = raw.copy()
+    for n in np.nonzero(helps)[0]:
+        out[pieces.mask(n, raw.shape)] = 0
+    np.testing.assert_allclose(counts.organ_dice(pieces, helps), dice_per_class(out, t)[1:], equal_nan=True)
+    assert (weight > 0).all()
+
+
+def test_gates_keep_the_largest_piece_unless_the_class_is_implausibly_small():
+    t = _truth()
+    raw = _with_errors(t, np.random.default_rng(1))
+    pieces = find_pieces(raw, (1.0, 1.0, 1.0))
+    largest = pieces.features[:, FEATURE_NAMES.index("is_largest")] > 0.5
+    everything = np.ones(len(pieces.cls), bool)
+    class_ml = np.bincount(pieces.cls, weights=pieces.voxels, minlength=13)[pieces.cls] / 1000.0
+    typical = np.where(pieces.cls == GALLBLADDER, 1.0, class_ml)  # the gallbladder is 8 uL of a typical 1 mL
+    drop = PieceGates(class_floor=0.2).allow(pieces, everything, class_ml, typical)
+    assert drop[pieces.cls == GALLBLADDER].all() and not drop[largest & (pieces.cls != GALLBLADDER)].any()
+    assert drop[(pieces.cls == LIVER) & ~largest].all()
+    # A whole class goes only with its largest piece: dropping small pieces alone leaves the class.
+    only_small = PieceGates().allow(pieces, ~largest, class_ml, class_ml)
+    assert not only_small[largest].any()
+
+
+def _decider(seed: int = 0) -> PieceDecider:
+    rng = np.random.default_rng(seed)
+    truths = [_truth(gallbladder=n % 2 == 0) for n in range(6)]
+    raws = [_with_errors(t, rng) for t in truths] + truths[:2]  # and correct maps, which must stay
+    return PieceDecider.fit(raws, truths + truths[:2], [(1.0, 1.0, 1.0)] * 8, groups=[0, 1, 2, 3, 4, 5, 0, 1],
+                            epochs=150, ensemble=2, seed=seed)
+
+
+def test_decider_learns_to_drop_errors_and_keep_correct_pieces(tmp_path):
+    decider = _decider()
+    assert decider.typical_ml[GALLBLADDER] == pytest.approx(0.064)
+    for t in (_truth(), _truth(gallbladder=True)):
+        raw = _with_errors(t, np.random.default_rng(7))  # specks at places never seen in training
+        # Both adrenal glands and a real gallbladder stay; the specks and an implausible gallbladder go.
+        np.testing.assert_array_equal(decider.apply(raw, (1.0, 1.0, 1.0)), t)
+        np.testing.assert_array_equal(decider.apply(t, (1.0, 1.0, 1.0)), t)  # correct maps come back unchanged
+    cv = decider.provenance["cross_validation"]
+    assert decider.threshold == cv["threshold"] and decider.provenance["maps"] == 8
+    # Round trip: the same scores after save and load.
+    path = decider.save(tmp_path / "pieces.pt")
+    again = PieceDecider.load(path)
+    pieces = find_pieces(raw, (1.0, 1.0, 1.0))
+    np.testing.assert_allclose(again.scores(pieces, (1.0, 1.0, 1.0)), decider.scores(pieces, (1.0, 1.0, 1.0)))
+
+
+def test_decider_refuses_foreign_files_and_empty_training(tmp_path):
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a RefNet piece decider"):
+        PieceDecider.load(tmp_path / "other.pt")
+    (tmp_path / "broken.pt").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="cannot be read as a RefNet piece decider"):
+        PieceDecider.load(tmp_path / "broken.pt")
+    empty = np.zeros((8, 8, 8), np.uint8)
+    with pytest.raises(ValueError, match="no labelled pieces"):
+        PieceDecider.fit([empty], [empty], [(1.0, 1.0, 1.0)])
+    with pytest.raises(ValueError, match="one target and one spacing"):
+        PieceDecider.fit([empty], [], [(1.0, 1.0, 1.0)])
+
+
+def test_decider_on_an_empty_map_changes_nothing():
+    decider = _decider()
+    empty = np.zeros((10, 10, 10), np.uint8)
+    np.testing.assert_array_equal(decider.apply(empty, (1.0, 1.0, 1.0)), empty)
