@@ -77,6 +77,16 @@ def test_gates_keep_the_largest_piece_unless_the_class_is_implausibly_small():
     # A whole class goes only with its largest piece: dropping small pieces alone leaves the class.
     only_small = PieceGates().allow(pieces, ~largest, class_ml, class_ml)
     assert not only_small[largest].any()
+    # Both adrenal glands are main pieces (one class, two organs); a third adrenal piece is not.
+    raw[2:4, 36:38, 36:38] = ADRENAL
+    pieces = find_pieces(raw, (1.0, 1.0, 1.0))
+    class_ml = np.bincount(pieces.cls, weights=pieces.voxels, minlength=13)[pieces.cls] / 1000.0
+    drop = PieceGates().allow(pieces, np.ones(len(pieces.cls), bool), class_ml, class_ml)
+    adrenal = pieces.cls == ADRENAL
+    assert drop[adrenal].tolist() == (pieces.voxels[adrenal] == 8).tolist() and drop[adrenal].sum() == 1
+    largest = pieces.features[:, FEATURE_NAMES.index("is_largest")] > 0.5
+    # Without the rule the smaller gland could go too (the largest stays).
+    assert PieceGates(main_pieces=()).allow(pieces, ~largest | adrenal, class_ml, class_ml)[adrenal].sum() == 2
 
 
 def _decider(seed: int = 0) -> PieceDecider:
@@ -122,3 +132,25 @@ def test_decider_on_an_empty_map_changes_nothing():
     decider = _decider()
     empty = np.zeros((10, 10, 10), np.uint8)
     np.testing.assert_array_equal(decider.apply(empty, (1.0, 1.0, 1.0)), empty)
+
+
+def test_apply_to_reads_the_orientation_from_the_affine():
+    decider = _decider()
+    raw = _with_errors(_truth(), np.random.default_rng(3))
+    lps = np.diag([-2.0, -2.0, 3.0, 1.0])  # the same map stored left-posterior first, 2 x 2 x 3 mm voxels
+    stored = raw[::-1, ::-1, :]
+    out, dropped = decider.apply_to(stored, lps)
+    np.testing.assert_array_equal(out[::-1, ::-1, :], decider.apply(raw, (2.0, 2.0, 3.0)))
+    assert dropped > 0 and (stored == raw[::-1, ::-1, :]).all()  # the input is untouched
+
+
+def test_no_harm_scores_count_the_decider_after_the_refiner():
+    from refnet.checkpoint import load_model
+    from refnet.no_harm import no_harm_scores
+
+    decider, model = _decider(), load_model(None)
+    t = _truth()
+    alone = no_harm_scores(t, np.eye(4), model)
+    both = no_harm_scores(t, np.eye(4), model, pieces=decider)
+    assert alone["pieces_dropped"] is None and both["pieces_dropped"] == 0
+    assert both["mean_dice"] == alone["mean_dice"]

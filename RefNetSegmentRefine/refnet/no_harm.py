@@ -29,7 +29,7 @@ def new_components(before: np.ndarray, after: np.ndarray) -> int:
 
 
 def no_harm_scores(labels: np.ndarray, affine: np.ndarray, model: LoadedModel, *, scheme: str = "refnet",
-                   config: RefineConfig | None = None) -> dict[str, Any]:
+                   config: RefineConfig | None = None, pieces: Any = None) -> dict[str, Any]:
     """Refine a correct label map and compare the result with it.
 
     Args:
@@ -38,27 +38,32 @@ def no_harm_scores(labels: np.ndarray, affine: np.ndarray, model: LoadedModel, *
         model: the RefNet to check.
         scheme: label numbering of ``labels``; structures outside RefNet's classes are ignored.
         config: refinement settings (default: guards on, as users get them).
+        pieces: a :class:`refnet.pieces.PieceDecider` applied after the refiner (None: the refiner alone).
 
     Returns:
         ``{"mean_dice": mean Dice over the organs present, "min_dice": the lowest organ's,
         "changed_fraction": changed voxels / labelled voxels, "invented_classes": [...],
-        "new_components": n, "held_back": {...}, "warnings": [...]}``.
+        "new_components": n, "held_back": {...}, "warnings": [...], "pieces_dropped": n or None}``.
     """
     classes, _ = to_class_labels(np.asarray(labels), scheme)
     result = refine_volume(classes, affine, model, config=config)
-    dice = dice_per_class(result.labels, classes)[1:]
+    refined, dropped = result.labels, None
+    if pieces is not None:
+        refined, dropped = pieces.apply_to(refined, affine)
+    dice = dice_per_class(refined, classes)[1:]
     present = np.bincount(classes.ravel(), minlength=NUM_CLASSES)[1:] > 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         organs = dice[present]
-    invented = sorted(int(c) for c in np.unique(result.labels) if c and not present[c - 1])
+    invented = sorted(int(c) for c in np.unique(refined) if c and not present[c - 1])
     labelled = max(1, int((classes > 0).sum()))
     return {
         "mean_dice": round(float(np.mean(organs)), 5) if organs.size else None,
         "min_dice": round(float(np.min(organs)), 5) if organs.size else None,
-        "changed_fraction": round(int((result.labels != classes).sum()) / labelled, 6),
+        "changed_fraction": round(int((refined != classes).sum()) / labelled, 6),
         "invented_classes": invented,
-        "new_components": new_components(classes, result.labels),
+        "new_components": new_components(classes, refined),
         "held_back": result.report.held_back,
         "warnings": result.report.warnings,
+        "pieces_dropped": dropped,
     }

@@ -15,8 +15,8 @@ against its class's largest piece and against the class's typical volume in the 
 it touches, where it lies against the class's largest piece, and the class. Its target
 (:func:`drop_helps`) is whether removing it raises the class's Dice on that case (or the class is absent
 from the truth). A small MLP (torch) scores the pieces; a piece is dropped when the score passes 0.5
-and the no-harm gates allow it (:class:`PieceGates`): a class's largest piece only goes when the whole
-class is implausibly small, and nothing of a class above its typical volume's floor is dropped wholesale.
+and the no-harm gates allow it (:class:`PieceGates`): a class's largest piece (both adrenal glands'
+two) only goes with the whole class, and a whole class only when it is implausibly small.
 
 Written by hand because no medical-imaging library learns connected-component decisions: MONAI and
 nnU-Net offer only the fixed largest-component rule.
@@ -39,6 +39,7 @@ from .labels import NUM_CLASSES
 __all__ = ["FEATURE_NAMES", "PieceDecider", "PieceGates", "Pieces", "drop_helps", "find_pieces"]
 
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connected, as refnet.cleanup and MONAI
+ADRENAL_GLANDS = 12  # both adrenal glands are one class (refnet.labels): two separate pieces are normal
 FEATURE_NAMES = (
     ["log_ml", "log_of_largest", "is_largest", "log_class_of_typical", "log_pieces", "gap_mm", "dx", "dy", "dz"]
     + [f"touch_{c}" for c in range(NUM_CLASSES)]
@@ -196,18 +197,28 @@ class PieceGates:
     Attributes:
         class_floor: a class's largest piece (and so the whole class) may go only when the class's
             total volume is below this fraction of its typical volume in the training truth.
+        main_pieces: ``(class, k)`` pairs: classes whose anatomy has k separate parts, whose k largest
+            pieces are all kept like a largest piece. The one class of both adrenal glands has two.
     """
 
     class_floor: float = 0.2
+    main_pieces: tuple[tuple[int, int], ...] = ((ADRENAL_GLANDS, 2),)
+
+    def __post_init__(self) -> None:  # a saved file holds lists
+        object.__setattr__(self, "main_pieces", tuple((int(c), int(k)) for c, k in self.main_pieces))
 
     def allow(self, pieces: Pieces, drop: np.ndarray, class_ml: np.ndarray, typical: np.ndarray) -> np.ndarray:
-        """``drop`` with the gates applied: a class keeps its largest piece or goes as a whole."""
+        """``drop`` with the gates applied: a class keeps its main pieces or goes as a whole."""
         drop = np.array(drop, dtype=bool, copy=True)
         if not len(drop):
             return drop
         small_class = (typical > 0) & (class_ml < self.class_floor * typical)
         largest = pieces.features[:, FEATURE_NAMES.index("is_largest")] > 0.5
-        drop &= ~largest | small_class
+        main = largest.copy()
+        for c, k in self.main_pieces:
+            mine = np.nonzero(pieces.cls == c)[0]
+            main[mine[np.argsort(-pieces.voxels[mine], kind="stable")[:k]]] = True
+        drop &= ~main | small_class
         for c in np.unique(pieces.cls[largest & drop]):
             drop[pieces.cls == c] = True
         return drop
@@ -274,12 +285,18 @@ class PieceDecider:
     def apply(self, labels: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
         """``labels`` (canonical RAS) with the dropped pieces set to background (a copy)."""
         pieces, drop = self.decide(labels, spacing)
-        out = np.array(labels, copy=True)
-        for n in np.nonzero(drop)[0]:
-            c = int(pieces.cls[n])
-            view = out[pieces.boxes[c]]
-            view[pieces.parts[c] == pieces.index[n]] = 0
-        return out
+        return _remove(labels, pieces, drop)
+
+    def apply_to(self, labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, int]:
+        """A label map in any orientation (with its voxel-to-RAS affine) after the decision, and how many
+        pieces went; the input is not changed."""
+        from .geometry import canonical_affine, to_canonical
+        from .spacing import voxel_spacing
+
+        canon, reo = to_canonical(np.asarray(labels), affine)
+        spacing = voxel_spacing(canonical_affine(affine, np.shape(labels)))
+        pieces, drop = self.decide(canon, spacing)
+        return reo.backward(_remove(canon, pieces, drop)), int(drop.sum())
 
     def _standard(self, feats: np.ndarray) -> np.ndarray:
         return (feats - np.asarray(self.mean)) / np.asarray(self.scale)
@@ -428,6 +445,16 @@ def _predict(states: Sequence[dict[str, Any]], width: int, x: np.ndarray) -> np.
         with torch.no_grad():
             probs.append(torch.sigmoid(net(xt)).numpy().astype(np.float64))
     return np.mean(probs, axis=0)
+
+
+def _remove(labels: np.ndarray, pieces: Pieces, drop: np.ndarray) -> np.ndarray:
+    """A copy of ``labels`` with the dropped pieces set to background."""
+    out = np.array(labels, copy=True)
+    for n in np.nonzero(drop)[0]:
+        c = int(pieces.cls[n])
+        view = out[pieces.boxes[c]]
+        view[pieces.parts[c] == pieces.index[n]] = 0
+    return out
 
 
 def _class_ml(pieces: Pieces, spacing: Sequence[float]) -> np.ndarray:
