@@ -71,7 +71,8 @@ def test_refine_prints_the_report_and_writes_it_as_json(case, capsys):
     assert report["held_back"]["band"] > 0  # the tiny model grows the liver beyond the band
     assert report["changed"]["Liver"][0] > 0
     # the model file's values, resolved
-    assert report["guards"] == {**dict.fromkeys(GUARD_NAMES, True), **GUARD_DEFAULTS, **TEST_MODEL_GUARDS}
+    assert report["guards"] == {**dict.fromkeys(GUARD_NAMES, True), **GUARD_DEFAULTS, **TEST_MODEL_GUARDS,
+                                 "drop_pieces": True}
     assert "Changed voxels per class: " in out and "Liver +" in out
     held = ", ".join(f"{name.replace('_', ' ')} {report['held_back'][name]}" for name in GUARD_NAMES)
     assert f"Guards held back (voxels): {held}." in out
@@ -184,7 +185,7 @@ def test_unknown_scheme_is_an_argparse_error(case, capsys):
     assert "unknown label scheme" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["phantoms", "train-segmenters", "train", "refine", "evaluate", "demo"])
+@pytest.mark.parametrize("command", ["phantoms", "train-segmenters", "train", "pieces", "refine", "evaluate", "demo"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])

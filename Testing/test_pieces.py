@@ -154,3 +154,63 @@ def test_no_harm_scores_count_the_decider_after_the_refiner():
     both = no_harm_scores(t, np.eye(4), model, pieces=decider)
     assert alone["pieces_dropped"] is None and both["pieces_dropped"] == 0
     assert both["mean_dice"] == alone["mean_dice"]
+
+
+def test_a_model_file_carries_its_decider_and_the_engine_applies_it(tmp_path):
+    from refnet.checkpoint import load_model, save_model
+    from refnet.guards import GuardConfig
+    from refnet.refine import RefineConfig, refine_volume
+    from refnet.segments import format_guards
+
+    shipped = load_model(None)
+    decider = _decider()
+    path = save_model(tmp_path / "with_pieces.pt", shipped.net, metadata=shipped.metadata, pieces=decider)
+    model = load_model(path)
+    assert model.pieces is not None and model.pieces.threshold == decider.threshold
+    assert load_model(save_model(tmp_path / "plain.pt", shipped.net, metadata=shipped.metadata)).pieces is None
+    t = _truth()
+    raw = _with_errors(t, np.random.default_rng(5))
+    specks = (raw == LIVER) & (t != LIVER)
+    result = refine_volume(raw, np.eye(4), model)
+    assert not (result.labels[specks] == LIVER).any() and (result.labels == GALLBLADDER).sum() == 0
+    dropped = result.report.dropped_pieces
+    assert dropped["Liver"]["pieces"] == 3 and dropped["Gallbladder"]["whole_class"]
+    assert "Gallbladder whole" in result.report.summary()
+    assert any(line.startswith("Piece decision: dropped pieces:") and "Liver 3 (" in line
+               for line in format_guards(result.report))
+    assert result.report.to_dict()["dropped_pieces"] == result.report.dropped_pieces
+    kept = refine_volume(raw, np.eye(4), model, config=RefineConfig(guards=GuardConfig(drop_pieces=False)))
+    assert kept.report.dropped_pieces == {} and (kept.labels == GALLBLADDER).any()  # the net alone keeps the class
+    assert "Piece decision: off." in format_guards(kept.report, GuardConfig(drop_pieces=False))
+
+
+def test_a_damaged_decider_in_a_model_file_is_named(tmp_path):
+    from refnet.checkpoint import load_model, save_model
+
+    shipped = load_model(None)
+    path = save_model(tmp_path / "m.pt", shipped.net, metadata=shipped.metadata, pieces=_decider())
+    payload = torch.load(path, weights_only=True)
+    payload["pieces"]["states"][0].pop("layers.0.weight")
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="its piece decider: the piece decider is inconsistent"):
+        load_model(path)
+
+
+def test_refnet_pieces_command_adds_a_decider_and_keeps_the_input_model(tmp_path, capsys):
+    from refnet.checkpoint import load_model
+    from refnet.cli import main
+    from refnet.data.phantoms import PhantomConfig, write_phantom_dataset
+
+    data = tmp_path / "data"
+    coarse = PhantomConfig.demo(inplane_spacing_mm=(6.0, 6.0), slice_spacing_mm=(9.0, 9.0))
+    write_phantom_dataset(data, [5, 6, 1], config=coarse, seed=0)
+    model = tmp_path / "m.pt"
+    model.write_bytes(__import__("refnet.checkpoint", fromlist=["x"]).default_model_path().read_bytes())
+    args = ["pieces", "-q", "--data", str(data), "--predictions", str(data / "label"), "--device", "cpu"]
+    assert main([*args, "--model", str(model), "--out", str(model)]) == 2
+    assert "is the --model file" in capsys.readouterr().err
+    out = tmp_path / "m_pieces.pt"
+    assert main([*args, "--model", str(model), "--out", str(out)]) == 0
+    assert load_model(out).pieces is not None and load_model(model).pieces is None
+    assert "cut-off" in capsys.readouterr().out
+    assert main([*args, "--model", str(model), "--out", str(out)]) == 2  # exists: not replaced without --overwrite

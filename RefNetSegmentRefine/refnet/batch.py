@@ -483,6 +483,9 @@ def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-volume-change", type=_fraction, default=None, metavar="F",
                        help="volume guard: an organ whose volume would change by more than F (a fraction of it) "
                             "keeps its input mask (default: the model's, 0.5)")
+    group.add_argument("--keep-pieces", action="store_true",
+                       help="skip the model's piece decision (which drops the connected pieces it judges to be "
+                            "errors, e.g. a speck of liver on the spleen); models without one are not affected")
 
 
 def guard_config(args: argparse.Namespace) -> GuardConfig:
@@ -499,7 +502,8 @@ def guard_config(args: argparse.Namespace) -> GuardConfig:
         if value is not None and guard in off:
             raise ValueError(f"{option} sets the {guard} guard, which --disable-guard turns off; drop one of them.")
     return GuardConfig(**{name: name not in off for name in GUARD_NAMES}, band_mm=args.band_mm,
-                       threshold=args.threshold, max_volume_change=getattr(args, "max_volume_change", None))
+                       threshold=args.threshold, max_volume_change=getattr(args, "max_volume_change", None),
+                       drop_pieces=not getattr(args, "keep_pieces", False))
 
 
 def guard_settings(guards: GuardConfig, model: LoadedModel | None = None) -> dict[str, Any]:

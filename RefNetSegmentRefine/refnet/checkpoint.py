@@ -42,11 +42,14 @@ class LoadedModel:
             ``ct_window`` ([level, width] HU or None), ``refine_classes`` (class indices the model
             may change; the others are kept as they were), ``training``, ``metrics``.
         device: where ``net`` lives.
+        pieces: the file's :class:`refnet.pieces.PieceDecider` (keep/drop per connected piece, applied
+            after the net and its guards), or None for files without one.
     """
 
     net: RefNet
     metadata: dict[str, Any]
     device: torch.device
+    pieces: Any = None  # a refnet.pieces.PieceDecider the file carries (run after the net), or None
 
     @property
     def config(self) -> RefNetConfig:
@@ -96,10 +99,12 @@ class LoadedModel:
         return float((self.metadata.get("guards") or {}).get(name, GUARD_DEFAULTS[name]))
 
 
-def save_model(path: str | os.PathLike, net: RefNet, *, metadata: dict[str, Any] | None = None) -> Path:
-    """Write ``net`` and ``metadata`` to ``path`` atomically (temp file, then rename).
+def save_model(path: str | os.PathLike, net: RefNet, *, metadata: dict[str, Any] | None = None,
+               pieces: Any = None) -> Path:
+    """Write ``net``, ``metadata`` and an optional piece decider to ``path`` atomically (temp file, then rename).
 
-    ``metadata`` must hold only builtin types (dict, list, str, int, float, bool, None).
+    ``metadata`` must hold only builtin types (dict, list, str, int, float, bool, None); ``pieces`` is a
+    :class:`refnet.pieces.PieceDecider`.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -111,6 +116,8 @@ def save_model(path: str | os.PathLike, net: RefNet, *, metadata: dict[str, Any]
         "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
         "metadata": meta,
     }
+    if pieces is not None:
+        payload["pieces"] = pieces.to_payload()
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)
@@ -161,5 +168,10 @@ def load_model(path: str | os.PathLike | None = None, *, device: str | torch.dev
     except (TypeError, KeyError, ValueError, RuntimeError) as err:  # a damaged or hand-edited file
         raise ValueError(f"{path}: the model file is inconsistent ({err}); re-export it with `refnet train`, or "
                          "use the shipped model.") from err
+    decider = None
+    if payload.get("pieces") is not None:
+        from .pieces import PieceDecider
+
+        decider = PieceDecider.from_payload(payload["pieces"], f"{path}: its piece decider")
     dev = resolve_device(device)
-    return LoadedModel(net=net.to(dev).eval(), metadata=metadata, device=dev)
+    return LoadedModel(net=net.to(dev).eval(), metadata=metadata, device=dev, pieces=decider)

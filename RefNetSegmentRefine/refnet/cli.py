@@ -97,6 +97,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pieces(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model, save_model
+    from .pairs import load_training_pairs
+    from .pieces import fit_on_pairs
+
+    out = Path(args.out)
+    if args.model and out.resolve() == Path(args.model).resolve():
+        raise ValueError(f"--out {out} is the --model file; choose a new file so the model you have is kept.")
+    if out.suffix != ".pt":
+        raise ValueError(f"--out {out}: a model file ends in .pt; name it e.g. {out.with_suffix('.pt').name}.")
+    if out.exists() and not args.overwrite:
+        raise ValueError(f"--out {out} exists; choose a new file, or pass --overwrite to replace it.")
+    model = load_model(args.model)
+    pairs = load_training_pairs(args.data, args.predictions, scheme=args.label_scheme)
+    decider = fit_on_pairs(pairs, seed=args.seed, provenance={"data": str(args.data)})
+    save_model(out, model.net, metadata=model.metadata, pieces=decider)
+    cv = decider.provenance["cross_validation"]
+    print(f"piece decider fitted on {decider.provenance['maps']} maps ({decider.provenance['pieces']} pieces); "
+          f"cut-off {decider.threshold} by cross-validation (held-out mean organ Dice gain per cut-off: "
+          f"{cv.get('mean_organ_dice_gain_sum')})")
+    print(out)
+    return 0
+
+
 def _cmd_refine(args: argparse.Namespace) -> int:
     from .batch import guard_config, guard_settings, refine_label_map_with_report, write_json
     from .checkpoint import load_model
@@ -293,6 +317,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="also train on N pairs per case of simulated, direction-free errors of the ground truth "
                         "(override the preset)")
     s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("pieces", parents=[common],
+                       help="fit the keep/drop decision per connected piece and write a model file that carries it")
+    s.add_argument("--data", required=True, help="BTCV-layout dataset with ground truth")
+    s.add_argument("--predictions", nargs="+", required=True,
+                   help="one folder of label maps per model (out-of-fold: refnet train-segmenters --folds K)")
+    s.add_argument("--model", help="RefNet model file to add the decider to (default: the shipped model)")
+    s.add_argument("--out", required=True, help="new model file (.pt): the model plus the decider")
+    s.add_argument("--label-scheme", type=_scheme, default="refnet", help="label values of the predictions")
+    s.add_argument("--seed", type=int, default=0, help="seed of the decider's nets (default 0)")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    s.set_defaults(func=_cmd_pieces)
 
     s = sub.add_parser("refine", parents=[common, progress], help="refine one label map")
     s.add_argument("--labels", required=True,

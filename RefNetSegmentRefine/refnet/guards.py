@@ -43,6 +43,9 @@ class GuardConfig:
     band_mm: float | None = None  # width of the band; None: the model file's value
     threshold: float | None = None  # probability threshold; None: the model file's value
     max_volume_change: float | None = None  # relative volume change allowed per organ; None: the model file's
+    # Not a guard (it removes, never puts back): drop the pieces the model file's piece decider rejects
+    # (refnet.pieces), when it has one. Off: the net and its guards alone.
+    drop_pieces: bool = True
 
     def __post_init__(self) -> None:
         if self.band_mm is not None and self.band_mm < 0:

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,8 @@ from scipy import ndimage
 
 from .labels import NUM_CLASSES
 
-__all__ = ["FEATURE_NAMES", "PieceDecider", "PieceGates", "Pieces", "drop_helps", "find_pieces"]
+__all__ = ["FEATURE_NAMES", "PieceDecider", "PieceGates", "Pieces", "drop_helps", "find_pieces", "fit_on_pairs",
+           "remove_pieces"]
 
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connected, as refnet.cleanup and MONAI
 ADRENAL_GLANDS = 12  # both adrenal glands are one class (refnet.labels): two separate pieces are normal
@@ -285,7 +286,7 @@ class PieceDecider:
     def apply(self, labels: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
         """``labels`` (canonical RAS) with the dropped pieces set to background (a copy)."""
         pieces, drop = self.decide(labels, spacing)
-        return _remove(labels, pieces, drop)
+        return remove_pieces(labels, pieces, drop)
 
     def apply_to(self, labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, int]:
         """A label map in any orientation (with its voxel-to-RAS affine) after the decision, and how many
@@ -296,19 +297,43 @@ class PieceDecider:
         canon, reo = to_canonical(np.asarray(labels), affine)
         spacing = voxel_spacing(canonical_affine(affine, np.shape(labels)))
         pieces, drop = self.decide(canon, spacing)
-        return reo.backward(_remove(canon, pieces, drop)), int(drop.sum())
+        return reo.backward(remove_pieces(canon, pieces, drop)), int(drop.sum())
 
     def _standard(self, feats: np.ndarray) -> np.ndarray:
         return (feats - np.asarray(self.mean)) / np.asarray(self.scale)
 
+    def to_payload(self) -> dict[str, Any]:
+        """Plain types and tensors (what ``torch.load(weights_only=True)`` reads back), e.g. inside a model file."""
+        return {"features": list(FEATURE_NAMES), "typical_ml": self.typical_ml, "mean": self.mean,
+                "scale": self.scale, "states": self.states, "threshold": self.threshold,
+                "gates": {"class_floor": self.gates.class_floor,
+                          "main_pieces": [list(p) for p in self.gates.main_pieces]},
+                "width": self.width, "provenance": self.provenance}
+
+    @classmethod
+    def from_payload(cls, payload: Any, source: str = "the decider") -> PieceDecider:
+        """The decider of :meth:`to_payload`'s dict.
+
+        Raises:
+            ValueError: not a decider of this version's features, or an inconsistent one.
+        """
+        if not isinstance(payload, dict) or payload.get("features") != list(FEATURE_NAMES):
+            raise ValueError(f"{source}: not a RefNet piece decider of this version; train one with "
+                             "`refnet pieces` (or refnet.pieces.PieceDecider.fit).")
+        try:
+            decider = cls(list(payload["typical_ml"]), list(payload["mean"]), list(payload["scale"]),
+                          list(payload["states"]), float(payload["threshold"]), PieceGates(**payload["gates"]),
+                          int(payload["width"]), dict(payload.get("provenance", {})))
+            _predict(decider.states, decider.width, np.zeros((1, len(FEATURE_NAMES))))  # the weights fit the net
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{source}: the piece decider is inconsistent ({err}); fit it again.") from None
+        return decider
+
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the decider (weights, standardisation, cut-off, gates) as one torch file."""
+        """Write the decider alone as one torch file (:meth:`load` reads it)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"typical_ml": self.typical_ml, "mean": self.mean, "scale": self.scale, "states": self.states,
-                   "threshold": self.threshold, "gates": asdict(self.gates), "width": self.width,
-                   "provenance": self.provenance, "features": list(FEATURE_NAMES)}
-        torch.save(payload, path)
+        torch.save(self.to_payload(), path)
         return path
 
     @classmethod
@@ -316,18 +341,13 @@ class PieceDecider:
         """Read a decider written by :meth:`save`.
 
         Raises:
-            ValueError: not a decider file, or one made for other features.
+            ValueError: unreadable, not a decider file, or one made for other features.
         """
         try:
             payload = torch.load(Path(path), map_location="cpu", weights_only=True)
         except Exception as err:  # a truncated or foreign file: say what it should be
             raise ValueError(f"{path}: cannot be read as a RefNet piece decider ({err}).") from None
-        if not isinstance(payload, dict) or payload.get("features") != list(FEATURE_NAMES):
-            raise ValueError(f"{path}: not a RefNet piece decider of this version; train one with "
-                             "refnet.pieces.PieceDecider.fit (or the quality benchmark).")
-        return cls(payload["typical_ml"], payload["mean"], payload["scale"], payload["states"],
-                   payload["threshold"], PieceGates(**payload["gates"]), payload["width"],
-                   payload.get("provenance", {}))
+        return cls.from_payload(payload, str(path))
 
     @classmethod
     def fit(cls, raws: Sequence[np.ndarray], targets: Sequence[np.ndarray], spacings: Sequence[Sequence[float]],
@@ -377,6 +397,28 @@ class PieceDecider:
         blank.provenance = {**(provenance or {}), "maps": len(raws), "pieces": len(x),
                             "drops_helping": int(sum(m.helps.sum() for m in maps)), "cross_validation": cv}
         return blank
+
+
+def fit_on_pairs(pairs: Sequence[Any], *, seed: int = 0, epochs: int = 400,
+                 provenance: dict[str, Any] | None = None) -> PieceDecider:
+    """A decider trained on training pairs (:class:`refnet.pairs.TrainingPair`, canonical layout) and,
+    once per case, on the case's truth as its own input: correct maps, whose every piece must stay.
+
+    Use out-of-fold predictions (``refnet train-segmenters --folds K``): a model's errors on cases it
+    trained on are fewer and different from those on new cases.
+    """
+    from .spacing import voxel_spacing
+
+    if not pairs:
+        raise ValueError("no training pairs to fit the piece decider on.")
+    truths = list({p.case_id: p for p in pairs}.values())
+    raws = [p.raw for p in pairs] + [p.target for p in truths]
+    targets = [p.target for p in pairs] + [p.target for p in truths]
+    spacings = [voxel_spacing(p.affine) for p in pairs] + [voxel_spacing(p.affine) for p in truths]
+    groups = [p.case_id for p in pairs] + [p.case_id for p in truths]
+    return PieceDecider.fit(raws, targets, spacings, groups, seed=seed, epochs=epochs,
+                            provenance={**(provenance or {}), "sources": sorted({p.source for p in pairs}),
+                                        "cases": sorted(int(p.case_id) for p in truths)})
 
 
 @dataclass
@@ -447,7 +489,7 @@ def _predict(states: Sequence[dict[str, Any]], width: int, x: np.ndarray) -> np.
     return np.mean(probs, axis=0)
 
 
-def _remove(labels: np.ndarray, pieces: Pieces, drop: np.ndarray) -> np.ndarray:
+def remove_pieces(labels: np.ndarray, pieces: Pieces, drop: np.ndarray) -> np.ndarray:
     """A copy of ``labels`` with the dropped pieces set to background."""
     out = np.array(labels, copy=True)
     for n in np.nonzero(drop)[0]:

@@ -209,17 +209,10 @@ def _cleanup_plan(pairs: list[Any], source: str) -> dict[int, list[str]]:
 
 def _fit_decider(pairs: list[Any], out: Path, seed: int, epochs: int) -> Any:
     """The piece decider, trained on every model's out-of-fold maps and the training truths; saved as pieces.pt."""
-    from .pieces import PieceDecider
-    from .spacing import voxel_spacing
+    from .pieces import fit_on_pairs
 
-    truths = list({p.case_id: p for p in pairs}.values())  # correct maps: what must come back untouched
-    raws = [p.raw for p in pairs] + [p.target for p in truths]
-    targets = [p.target for p in pairs] + [p.target for p in truths]
-    spacings = [voxel_spacing(p.affine) for p in pairs] + [voxel_spacing(p.affine) for p in truths]
-    groups = [p.case_id for p in pairs] + [p.case_id for p in truths]
-    decider = PieceDecider.fit(raws, targets, spacings, groups, seed=seed, epochs=epochs,
-                               provenance={"data": "quality benchmark out-of-fold maps and training truths",
-                                           "sources": sorted({p.source for p in pairs})})
+    decider = fit_on_pairs(pairs, seed=seed, epochs=epochs,
+                           provenance={"data": "quality benchmark out-of-fold maps and training truths"})
     decider.save(out / "pieces.pt")
     logger.info("piece decider: cut-off %.2f, %s", decider.threshold, decider.provenance["cross_validation"])
     return decider

@@ -20,6 +20,7 @@ import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,6 +113,8 @@ class RefineReport:
         warnings: e.g. a slice spacing outside the range the model was trained on.
         native_spacing_mm: voxel size of the input (canonical R, A, S axes).
         model_spacing_mm: in-plane spacing the net ran at (None: the input's own).
+        dropped_pieces: class name -> ``{"pieces", "voxels", "whole_class"}`` for the pieces the model's piece
+            decider removed (:mod:`refnet.pieces`); empty when it removed none, is off, or the model has none.
     """
 
     changed: dict[str, list[int]] = field(default_factory=dict)
@@ -119,11 +122,13 @@ class RefineReport:
     warnings: list[str] = field(default_factory=list)
     native_spacing_mm: list[float] = field(default_factory=list)
     model_spacing_mm: float | None = None
+    dropped_pieces: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """Plain-types form for JSON (batch summaries, metrics)."""
         return {"changed": self.changed, "held_back": self.held_back, "warnings": self.warnings,
-                "native_spacing_mm": self.native_spacing_mm, "model_spacing_mm": self.model_spacing_mm}
+                "native_spacing_mm": self.native_spacing_mm, "model_spacing_mm": self.model_spacing_mm,
+                "dropped_pieces": self.dropped_pieces}
 
     def summary(self) -> str:
         """One line for a status bar or log: voxels changed and held back."""
@@ -132,7 +137,17 @@ class RefineReport:
         held = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.held_back.items() if v)
         text = f"{added + removed} voxels changed in {len(self.changed)} classes"
         text += f"; guards held back: {held}" if held else "; guards held back nothing"
+        if self.dropped_pieces:
+            text += f"; {self.dropped_text()}"
         return text + "".join(f". Warning: {w}" for w in self.warnings)
+
+    def dropped_text(self) -> str:
+        """What the piece decision removed: ``dropped pieces: Liver 3 (41 voxels), Gallbladder whole (15 voxels)``."""
+        if not self.dropped_pieces:
+            return "dropped no pieces"
+        parts = [f"{name} {'whole' if d['whole_class'] else d['pieces']} ({d['voxels']} voxels)"
+                 for name, d in self.dropped_pieces.items()]
+        return "dropped pieces: " + ", ".join(parts)
 
 
 @dataclass
@@ -551,6 +566,9 @@ def refine_volume(
     canon = np.asarray(canon).astype(np.int64) if canon.dtype.kind not in "ui" else np.asarray(canon)
     proposal = propose(canon, spacing, model, ct=ct_canon, config=config, progress=progress)
     out, report.held_back = apply_guards(proposal, model, config.guards)
+    if config.guards.drop_pieces and model.pieces is not None:
+        # The box holds every labelled voxel with background around it: the pieces are the volume's own.
+        out, report.dropped_pieces = _drop_pieces(out, spacing, model.pieces)
     diff = out != proposal.raw
     added = np.bincount(out[diff], minlength=len(CLASS_NAMES))
     removed = np.bincount(proposal.raw[diff], minlength=len(CLASS_NAMES))
@@ -560,6 +578,23 @@ def refine_volume(
     refined = np.array(canon, copy=True)
     refined[proposal.box] = out
     return RefineResult(reo.backward(refined).astype(labels.dtype, copy=False), report)
+
+
+def _drop_pieces(labels: np.ndarray, spacing: tuple[float, float, float], decider: Any) -> tuple[np.ndarray, dict]:
+    """``labels`` without the pieces ``decider`` rejects, and per class what went."""
+    from .pieces import remove_pieces
+
+    pieces, drop = decider.decide(labels, spacing)
+    if not drop.any():
+        return labels, {}
+    dropped = {}
+    for c in np.unique(pieces.cls[drop]):
+        mine = pieces.cls == c
+        dropped[CLASS_NAMES[int(c)]] = {"pieces": int((drop & mine).sum()),
+                                        "voxels": int(pieces.voxels[drop & mine].sum()),
+                                        "whole_class": bool(drop[mine].all())}
+    logger.info("piece decision dropped %s", dropped)
+    return remove_pieces(labels, pieces, drop), dropped
 
 
 def refine_labels(

@@ -309,14 +309,20 @@ def format_guards(report: RefineReport, guards: GuardConfig | None = None) -> li
 
     Returns:
         ``["Guards held back (voxels): absent classes 0, ..., new components 3.", "Warning: ...", ...]``:
-        every guard of :data:`refnet.guards.GUARD_NAMES` is listed, then one line per warning.
+        every guard of :data:`refnet.guards.GUARD_NAMES` is listed, then what the piece decision dropped
+        (when it dropped something, or "off"), then one line per warning.
     """
     guards = guards or GuardConfig()
     parts = []
     for name in GUARD_NAMES:
         value = "off" if not getattr(guards, name) else str(int(report.held_back.get(name, 0)))
         parts.append(f"{name.replace('_', ' ')} {value}")
-    return [f"Guards held back (voxels): {', '.join(parts)}.", *(f"Warning: {w.rstrip('.')}." for w in report.warnings)]
+    lines = [f"Guards held back (voxels): {', '.join(parts)}."]
+    if not guards.drop_pieces:
+        lines.append("Piece decision: off.")
+    elif report.dropped_pieces:
+        lines.append(f"Piece decision: {report.dropped_text()}.")
+    return [*lines, *(f"Warning: {w.rstrip('.')}." for w in report.warnings)]
 
 
 def format_report(
