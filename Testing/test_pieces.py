@@ -197,15 +197,15 @@ def test_a_damaged_decider_in_a_model_file_is_named(tmp_path):
 
 
 def test_refnet_pieces_command_adds_a_decider_and_keeps_the_input_model(tmp_path, capsys):
-    from refnet.checkpoint import load_model
+    from refnet.checkpoint import load_model, save_model
     from refnet.cli import main
     from refnet.data.phantoms import PhantomConfig, write_phantom_dataset
 
     data = tmp_path / "data"
     coarse = PhantomConfig.demo(inplane_spacing_mm=(6.0, 6.0), slice_spacing_mm=(9.0, 9.0))
     write_phantom_dataset(data, [5, 6, 1], config=coarse, seed=0)
-    model = tmp_path / "m.pt"
-    model.write_bytes(__import__("refnet.checkpoint", fromlist=["x"]).default_model_path().read_bytes())
+    shipped = load_model(None)
+    model = save_model(tmp_path / "m.pt", shipped.net, metadata=shipped.metadata)  # a model without a decider
     args = ["pieces", "-q", "--data", str(data), "--predictions", str(data / "label"), "--device", "cpu"]
     assert main([*args, "--model", str(model), "--out", str(model)]) == 2
     assert "is the --model file" in capsys.readouterr().err

@@ -7,8 +7,11 @@ read through the flare22 / word label schemes (structures RefNet lacks pass thro
 "Do no harm"): mean organ Dice against the input >= 0.998 (phantoms) and >= 0.995 (real), no
 invented class, no new component. Optionally the same with every guard off, for the ablation.
 
-    python benchmarks/no_harm.py [--model FILE] [--real-dir DIR] [--limit N] [--phantoms-only]
-        [--guards-off] [--out benchmarks/no_harm.json]
+    python benchmarks/no_harm.py [--model FILE] [--pieces FILE] [--real-dir DIR] [--limit N]
+        [--phantoms-only] [--guards-off] [--out benchmarks/no_harm.json]
+
+``--pieces`` applies a piece decider (refnet.pieces, e.g. a quality benchmark seed's ``pieces.pt``) after
+the refiner, as the pipeline would.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from refnet.data.phantoms import PhantomConfig, make_phantom
 from refnet.guards import GuardConfig
 from refnet.io import load_volume
 from refnet.no_harm import no_harm_scores
+from refnet.pieces import PieceDecider
 from refnet.refine import RefineConfig
 
 REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_labels"
@@ -65,23 +69,26 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="real cases per dataset (0: all)")
     parser.add_argument("--phantoms-only", action="store_true")
     parser.add_argument("--guards-off", action="store_true", help="every guard off (ablation)")
+    parser.add_argument("--pieces", help="piece decider file applied after the refiner (refnet.pieces)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = parser.parse_args()
     model = load_model(args.model, device=args.device)
     config = RefineConfig(guards=GuardConfig.off() if args.guards_off else GuardConfig())
+    decider = PieceDecider.load(args.pieces) if args.pieces else None
     rows = []
     print(f"{'group':<12}{'case':<26}{'mean Dice':>10}{'min Dice':>10}{'changed %':>10}{'invented':>9}"
-          f"{'new comp':>9}{'s':>6}")
+          f"{'new comp':>9}{'dropped':>8}{'s':>6}")
     for group, name, scheme, load in _cases(args):
         labels, affine = load()
         t0 = time.perf_counter()
-        scores = no_harm_scores(labels, affine, model, scheme=scheme, config=config)
+        scores = no_harm_scores(labels, affine, model, scheme=scheme, config=config, pieces=decider)
         seconds = time.perf_counter() - t0
         rows.append({"group": group, "case": name, "seconds": round(seconds, 1), **scores})
+        dropped = sum(d["pieces"] for d in scores["dropped_pieces"].values()) + (scores["pieces_dropped"] or 0)
         print(f"{group:<12}{name:<26}{scores['mean_dice']:>10.4f}{scores['min_dice']:>10.4f}"
               f"{100 * scores['changed_fraction']:>10.3f}{len(scores['invented_classes']):>9}"
-              f"{scores['new_components']:>9}{seconds:>6.1f}", flush=True)
+              f"{scores['new_components']:>9}{dropped:>8}{seconds:>6.1f}", flush=True)
     summary = {}
     for group in dict.fromkeys(r["group"] for r in rows):
         sel = [r for r in rows if r["group"] == group]
@@ -89,13 +96,18 @@ def main() -> None:
         summary[group] = {"cases": len(sel), "worst_mean_dice": worst, "mean_mean_dice": round(float(np.mean(
             [r["mean_dice"] for r in sel])), 5), "invented": sum(len(r["invented_classes"]) for r in sel),
             "new_components": sum(r["new_components"] for r in sel), "bar": BARS[group],
+            "pieces_dropped": sum(sum(d["pieces"] for d in r["dropped_pieces"].values()) + (r["pieces_dropped"] or 0)
+                                  for r in sel),
             "passes": worst >= BARS[group] and not any(r["invented_classes"] or r["new_components"] for r in sel)}
     print()
     for group, s in summary.items():
         print(f"{group:<12} {s['cases']:>3} cases: worst mean Dice {s['worst_mean_dice']:.4f} (bar {s['bar']}), "
-              f"average {s['mean_mean_dice']:.4f}, invented {s['invented']}, new components {s['new_components']}: "
+              f"average {s['mean_mean_dice']:.4f}, invented {s['invented']}, new components {s['new_components']}, "
+              f"pieces dropped {s['pieces_dropped']}: "
               f"{'PASS' if s['passes'] else 'FAIL'}")
-    Path(args.out).write_text(json.dumps({"model": args.model or "shipped", "guards_off": args.guards_off,
+    Path(args.out).write_text(json.dumps({"model": args.model or "shipped", "pieces": args.pieces,
+                                          "model_has_piece_decider": model.pieces is not None,
+                                          "guards_off": args.guards_off,
                                           "summary": summary, "cases": rows}, indent=2) + "\n")
 
 

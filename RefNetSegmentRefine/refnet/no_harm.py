@@ -43,7 +43,8 @@ def no_harm_scores(labels: np.ndarray, affine: np.ndarray, model: LoadedModel, *
     Returns:
         ``{"mean_dice": mean Dice over the organs present, "min_dice": the lowest organ's,
         "changed_fraction": changed voxels / labelled voxels, "invented_classes": [...],
-        "new_components": n, "held_back": {...}, "warnings": [...], "pieces_dropped": n or None}``.
+        "new_components": n, "held_back": {...}, "warnings": [...], "dropped_pieces": {...} (the
+        model file's decider), "pieces_dropped": n or None (``pieces``)}``.
     """
     classes, _ = to_class_labels(np.asarray(labels), scheme)
     result = refine_volume(classes, affine, model, config=config)
@@ -65,5 +66,6 @@ def no_harm_scores(labels: np.ndarray, affine: np.ndarray, model: LoadedModel, *
         "new_components": new_components(classes, refined),
         "held_back": result.report.held_back,
         "warnings": result.report.warnings,
-        "pieces_dropped": dropped,
+        "dropped_pieces": result.report.dropped_pieces,  # by the model file's own piece decider
+        "pieces_dropped": dropped,  # by the ``pieces`` decider given here
     }
