@@ -35,6 +35,7 @@ from RefNetSegmentRefineLib import (  # noqa: F401  (re-exported for scripts and
     RefNetSegmentRefineLogic,
     RefNetSegmentRefineParameterNode,
     endReview,
+    guardSettings,
     missingRequirements,
     modelCardPath,
     modelCardSummary,
@@ -199,8 +200,6 @@ class RefNetSegmentRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         with slicer.util.tryWithErrorDisplay("RefNet refinement failed."):
             if not self._ensureDependencies():
                 return
-            from refnet.guards import GuardConfig
-
             p = self._parameterNode
             self._previousForJob = self._result
             self._setRunning(True)
@@ -209,7 +208,7 @@ class RefNetSegmentRefineWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             try:
                 self._job = self.logic.startBackgroundRefine(
                     p.inputSegmentation, p.inputVolume, modelPath=self._modelPath(), device=p.device.value,
-                    guards=None if p.safetyGuards else GuardConfig.off(), outputNode=p.outputSegmentation)
+                    guards=guardSettings(p.safetyGuards, p.dropPieces), outputNode=p.outputSegmentation)
             except Exception:
                 self._setRunning(False)
                 raise

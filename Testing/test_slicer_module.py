@@ -522,7 +522,8 @@ def test_a_second_refine_leaves_one_visible_output_and_end_review_restores_the_i
                                                                                    main_window):
     ct, seg, _ = _scene(slicer, segments=SEGMENTS[:1])
     p = types.SimpleNamespace(inputSegmentation=seg, inputVolume=ct, useDefaultModel=False, outputSegmentation=None,
-                              modelPath=str(model_file), device=types.SimpleNamespace(value="cpu"), safetyGuards=True)
+                              modelPath=str(model_file), device=types.SimpleNamespace(value="cpu"), safetyGuards=True,
+                              dropPieces=True)
     widget = _widget(M, slicer, p)
     before = main_window.layout
     _refine_in_background(widget)
@@ -614,7 +615,8 @@ def test_background_refine_equals_in_process_and_cancel_leaves_the_scene_as_it_w
     monkeypatch.setattr(slicer.app, "temporaryPath", str(tmp_path))
     ct, seg, _ = _scene(slicer)
     p = types.SimpleNamespace(inputSegmentation=seg, inputVolume=ct, useDefaultModel=False, outputSegmentation=None,
-                              modelPath=str(model_file), device=types.SimpleNamespace(value="cpu"), safetyGuards=True)
+                              modelPath=str(model_file), device=types.SimpleNamespace(value="cpu"), safetyGuards=True,
+                              dropPieces=True)
     widget = _widget(M, slicer, p)
     # Cancel right after the start: the process is killed, nothing is created, no job folder is left.
     nodes = list(slicer.mrmlScene.nodes())
@@ -642,10 +644,21 @@ def test_a_failing_background_process_reports_its_message(M, slicer, tmp_path, m
     bad = tmp_path / "bad.pt"
     bad.write_text("not a model")
     p = types.SimpleNamespace(inputSegmentation=seg, inputVolume=ct, useDefaultModel=False, outputSegmentation=None,
-                              modelPath=str(bad), device=types.SimpleNamespace(value="cpu"), safetyGuards=True)
+                              modelPath=str(bad), device=types.SimpleNamespace(value="cpu"), safetyGuards=True,
+                              dropPieces=True)
     widget = _widget(M, slicer, p)
     nodes = list(slicer.mrmlScene.nodes())
     widget.onRefineButton()
     with pytest.raises(RuntimeError, match="refinement process failed: ValueError: .*bad.pt"):
         qt.run_timers()
     assert list(slicer.mrmlScene.nodes()) == nodes and widget._job is None and widget.ui.refineButton.enabled
+
+
+def test_the_advanced_boxes_give_the_guard_settings(M):
+    from refnet.guards import GuardConfig
+
+    assert M.RefNetSegmentRefineParameterNode.dropPieces is True  # "Drop implausible pieces" starts ticked
+    assert M.guardSettings(True, True) is None  # the defaults: every guard with the model's values, and pieces
+    assert M.guardSettings(False, True) == GuardConfig.off()
+    assert M.guardSettings(True, False) == GuardConfig(drop_pieces=False)
+    assert M.guardSettings(False, False) == GuardConfig(**{**GuardConfig.off().__dict__, "drop_pieces": False})

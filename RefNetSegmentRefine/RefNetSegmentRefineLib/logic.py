@@ -8,6 +8,7 @@ the module loads, and can offer to install PyTorch, on a Slicer where torch is m
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import importlib.util
 import logging
@@ -59,6 +60,7 @@ class RefNetSegmentRefineParameterNode:
     modelPath - a RefNet model file, when useDefaultModel is off.
     device - where the net runs.
     safetyGuards - run every guard (refnet.guards); unticked: the net's raw refinement.
+    dropPieces - apply the model file's piece decision (refnet.pieces) after the net and its guards.
     showChanges - highlight the voxels RefNet changed.
     outputSegmentation - an earlier output to replace; None creates a new node.
     """
@@ -70,7 +72,19 @@ class RefNetSegmentRefineParameterNode:
     modelPath: pathlib.Path
     device: Device = Device.AUTO
     safetyGuards: bool = True
+    dropPieces: bool = True
     showChanges: bool = False
+
+
+def guardSettings(safetyGuards: bool, dropPieces: bool) -> GuardConfig | None:
+    """The :class:`refnet.guards.GuardConfig` of the Advanced boxes; None for the defaults (every guard, with
+    the model file's values, and the piece decision)."""
+    from refnet.guards import GuardConfig
+
+    if safetyGuards and dropPieces:
+        return None
+    guards = GuardConfig() if safetyGuards else GuardConfig.off()
+    return dataclasses.replace(guards, drop_pieces=dropPieces)
 
 
 #
