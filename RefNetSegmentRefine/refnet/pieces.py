@@ -14,9 +14,10 @@ by physical, field-of-view-independent features (:func:`find_pieces`): its volum
 against its class's largest piece and against the class's typical volume in the training truth, what
 it touches, where it lies against the class's largest piece, and the class. Its target
 (:func:`drop_helps`) is whether removing it raises the class's Dice on that case (or the class is absent
-from the truth). A small MLP (torch) scores the pieces; a piece is dropped when the score passes 0.5
-and the no-harm gates allow it (:class:`PieceGates`): a class's largest piece (both adrenal glands'
-two) only goes with the whole class, and a whole class only when it is implausibly small.
+from the truth). A small MLP ensemble (torch) scores the pieces; a piece is dropped when the score
+passes a cut-off chosen by cross-validation on the training cases and the no-harm gates allow it
+(:class:`PieceGates`): a class's largest piece (both adrenal glands' two) only goes with the whole
+class, and a whole class only when it is implausibly small.
 
 Written by hand because no medical-imaging library learns connected-component decisions: MONAI and
 nnU-Net offer only the fixed largest-component rule.
@@ -282,7 +283,8 @@ class PieceDecider:
             return feats
         class_ml = _class_ml(pieces, spacing)
         typical = np.asarray(self.typical_ml)[pieces.cls]
-        feats[:, 3] = np.where(typical > 0, np.log10(class_ml / np.maximum(typical, 1e-6)), 0.0)
+        col = FEATURE_NAMES.index("log_class_of_typical")
+        feats[:, col] = np.where(typical > 0, np.log10(class_ml / np.maximum(typical, 1e-6)), 0.0)
         return feats
 
     def scores(self, pieces: Pieces, spacing: Sequence[float]) -> np.ndarray:
