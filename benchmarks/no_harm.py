@@ -62,6 +62,11 @@ def _file(path: Path):
     return vol.array, vol.affine
 
 
+def _dropped(scores: dict) -> int:
+    """Pieces a case lost to the model's own decider and to a ``--pieces`` one."""
+    return sum(d["pieces"] for d in scores["dropped_pieces"].values()) + (scores["pieces_dropped"] or 0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="RefNet model file (default: the shipped model)")
@@ -85,7 +90,7 @@ def main() -> None:
         scores = no_harm_scores(labels, affine, model, scheme=scheme, config=config, pieces=decider)
         seconds = time.perf_counter() - t0
         rows.append({"group": group, "case": name, "seconds": round(seconds, 1), **scores})
-        dropped = sum(d["pieces"] for d in scores["dropped_pieces"].values()) + (scores["pieces_dropped"] or 0)
+        dropped = _dropped(scores)
         print(f"{group:<12}{name:<26}{scores['mean_dice']:>10.4f}{scores['min_dice']:>10.4f}"
               f"{100 * scores['changed_fraction']:>10.3f}{len(scores['invented_classes']):>9}"
               f"{scores['new_components']:>9}{dropped:>8}{seconds:>6.1f}", flush=True)
@@ -96,8 +101,7 @@ def main() -> None:
         summary[group] = {"cases": len(sel), "worst_mean_dice": worst, "mean_mean_dice": round(float(np.mean(
             [r["mean_dice"] for r in sel])), 5), "invented": sum(len(r["invented_classes"]) for r in sel),
             "new_components": sum(r["new_components"] for r in sel), "bar": BARS[group],
-            "pieces_dropped": sum(sum(d["pieces"] for d in r["dropped_pieces"].values()) + (r["pieces_dropped"] or 0)
-                                  for r in sel),
+            "pieces_dropped": sum(_dropped(r) for r in sel),
             "passes": worst >= BARS[group] and not any(r["invented_classes"] or r["new_components"] for r in sel)}
     print()
     for group, s in summary.items():

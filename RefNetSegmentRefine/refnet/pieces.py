@@ -160,7 +160,11 @@ def drop_helps(pieces: Pieces, target: np.ndarray) -> tuple[np.ndarray, np.ndarr
     Returns:
         ``(helps, weight)``: bool (N,) and float (N,) |Dice change| (used to weight training).
     """
-    stats = _Counts.of(pieces, target)
+    return _drop_effect(pieces, _Counts.of(pieces, target))
+
+
+def _drop_effect(pieces: Pieces, stats: _Counts) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`drop_helps` from counts already taken."""
     helps = np.zeros(len(pieces.cls), dtype=bool)
     weight = np.zeros(len(pieces.cls), dtype=np.float64)
     for n, c in enumerate(pieces.cls):
@@ -392,9 +396,10 @@ class PieceDecider:
         for raw, target, spacing, group in zip(raws, targets, spacings, groups):
             pieces = find_pieces(raw, spacing)
             if len(pieces.cls):
-                helps, weight = drop_helps(pieces, target)
-                maps.append(_Map(pieces, blank.features(pieces, spacing), helps, weight,
-                                 _Counts.of(pieces, target), _class_ml(pieces, spacing), group))
+                counts = _Counts.of(pieces, target)
+                helps, weight = _drop_effect(pieces, counts)
+                maps.append(_Map(pieces, blank.features(pieces, spacing), helps, weight, counts,
+                                 _class_ml(pieces, spacing), group))
         if not maps:
             raise ValueError("PieceDecider.fit: the predictions have no labelled pieces to learn from.")
         total = sum(len(m.helps) for m in maps)

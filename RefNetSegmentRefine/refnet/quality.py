@@ -255,7 +255,7 @@ def _score_test_cases(data, cases, config, folders, unseen, models, plan, out,
     from .cleanup import apply_cleanup
     from .data.btcv import load_case, split_cases
     from .evaluate import dice_per_class, false_positive_ml
-    from .geometry import canonical_affine, to_canonical
+    from .geometry import to_canonical
     from .io import read_affine
     from .refine import refine_labels
     from .segmenters import load_prediction_folder, load_segmenter, predict_ensemble
@@ -277,7 +277,6 @@ def _score_test_cases(data, cases, config, folders, unseen, models, plan, out,
         ct, target = load_case(case)
         raw = raw_preds[case.case_id]
         maps: dict[str, np.ndarray] = {"raw": raw}
-        canonical_spacing = voxel_spacing(canonical_affine(ct.affine, raw.shape))
         if "cleanup" in config.methods:
             canon, reo = to_canonical(raw, ct.affine)
             maps["cleanup"] = reo.backward(apply_cleanup(canon, plan))
@@ -298,8 +297,7 @@ def _score_test_cases(data, cases, config, folders, unseen, models, plan, out,
         for method, source in (("pieces", "raw"), ("refnet_label_pieces", "refnet_label"),
                                ("unseen_pieces", "unseen_raw")):
             if method in config.methods:
-                canon, reo = to_canonical(maps[source], ct.affine)
-                maps[method] = reo.backward(decider.apply(canon, canonical_spacing))
+                maps[method] = decider.apply_to(maps[source], ct.affine)[0]
         spacing = voxel_spacing(ct.affine)
         ml = float(np.prod(spacing)) / 1000.0
         for method in config.methods:
