@@ -435,7 +435,9 @@ def test_train_is_a_thin_call_of_the_core(M, slicer, monkeypatch, tmp_path):
                                              labelScheme="btcv")
     assert out == tmp_path / "m.pt"
     (dataset, predictions, _, config, kw), = calls
-    assert (dataset, predictions) == ("data", ["p1", "p2"]) and kw["scheme"] == "btcv"
+    assert (dataset, predictions) == ("data", ["p1", "p2"]) and kw["scheme"] == "btcv" and kw["pieces"] is False
+    M.RefNetSegmentRefineLogic().train("data", ("p1",), str(tmp_path / "m.pt"), pieces=True)
+    assert calls[-1][4]["pieces"] is True
     from refnet.pipeline import DemoConfig
 
     # The demo preset (as `refnet train`'s default) with the override applied.

@@ -34,6 +34,19 @@ def test_plain_python_trains_the_model_refnet_train_would(dataset, tmp_path):
     assert _load().main(argv) == 0
     model = load_model(out)
     assert model.metadata["training"]["pairs"] == 2 and not model.uses_ct
+    assert model.pieces is None  # the decision per piece only when asked for
+
+
+def test_pieces_flag_stores_a_piece_decider_fitted_on_the_same_pairs(dataset, tmp_path):
+    out = tmp_path / "m.pt"
+    argv = ["RefNetTrain.py", "--data", str(dataset), "--predictions", str(dataset / "label"), "--out", str(out),
+            "--pieces", *TINY]
+    assert _load().main(argv) == 0
+    model = load_model(out)
+    assert model.metadata["training"]["pairs"] == 2  # the trained net, not replaced by the refit
+    # 2 training pairs + each case's truth as a correct map; the cases are the dataset's training split.
+    assert model.pieces is not None and model.pieces.provenance["maps"] == 4
+    assert model.pieces.provenance["cases"] == [5, 6]
 
 
 def test_inside_slicer_it_trains_through_the_module_logic(dataset, tmp_path, standin, monkeypatch):  # noqa: F811
@@ -49,6 +62,7 @@ def test_inside_slicer_it_trains_through_the_module_logic(dataset, tmp_path, sta
             *TINY]
     assert script.main(argv) == 0
     assert calls and calls[0]["useCt"] and calls[0]["epochs"] == 1 and calls[0]["preset"] == "demo"
+    assert calls[0]["pieces"] is False
     assert load_model(out).uses_ct
     assert script.main(["s.py", "--", "--data", str(dataset)]) == 2  # missing --predictions/--out
     assert script.main(["s.py", "--", "--data", str(tmp_path / "none"), "--predictions", str(tmp_path),

@@ -92,7 +92,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     out = train_from_folders(args.data, args.predictions, args.out, config=_train_config(args),
                              work_dir=args.work_dir, scheme=args.label_scheme, progress=args.progress,
-                             extra_label_dirs=args.extra_labels or (), extra_scheme=args.extra_labels_scheme)
+                             extra_label_dirs=args.extra_labels or (), extra_scheme=args.extra_labels_scheme,
+                             pieces=args.pieces)
     print(out)
     return 0
 
@@ -316,6 +317,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--simulated-pairs", type=int, metavar="N",
                    help="also train on N pairs per case of simulated, direction-free errors of the ground truth "
                         "(override the preset)")
+    s.add_argument("--pieces", action="store_true",
+                   help="also fit the keep/drop decision per connected piece on the same pairs and store it in "
+                        "the model file (as 'refnet pieces' does; use out-of-fold predictions)")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("pieces", parents=[common],

@@ -566,6 +566,7 @@ def train_from_folders(
     progress: bool = False,
     extra_label_dirs: Sequence[str | os.PathLike] = (),
     extra_scheme: str = "refnet",
+    pieces: bool = False,
 ) -> Path:
     """Train from a BTCV-layout dataset and K folders of predictions on its training cases.
 
@@ -579,6 +580,9 @@ def train_from_folders(
         extra_label_dirs: folders of extra correct label maps without CT (see
             :func:`refnet.pairs.load_label_maps`), for label-only models.
         extra_scheme: label scheme of those maps.
+        pieces: also fit the keep/drop decision per connected piece (:mod:`refnet.pieces`) on the same
+            pairs and store it in ``output``, as ``refnet pieces`` would afterwards: the shipped pipeline's
+            second stage, so a model trained on your data refines the way the shipped one does.
 
     Returns:
         ``output``.
@@ -594,5 +598,12 @@ def train_from_folders(
         extra += [replace(p, case_id=EXTRA_LABELS_IDS + len(extra) + i) for i, p in
                   enumerate(load_label_maps(folder, scheme=extra_scheme))]
     work = Path(work_dir) if work_dir is not None else Path(output).parent / f"{Path(output).stem}_work"
-    train_refnet(pairs, config, work_dir=work, output=output, progress=progress, extra_maps=extra)
+    model = train_refnet(pairs, config, work_dir=work, output=output, progress=progress, extra_maps=extra)
+    if pieces:
+        from .pieces import fit_on_pairs
+
+        decider = fit_on_pairs(pairs, seed=config.seed, provenance={"data": str(dataset_dir)})
+        save_model(output, model.net, metadata=model.metadata, pieces=decider)
+        logger.info("piece decider fitted on %d maps (cut-off %s) and stored in %s",
+                    decider.provenance["maps"], decider.threshold, output)
     return Path(output)
