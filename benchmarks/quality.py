@@ -10,10 +10,14 @@ before any seed here was run; the default seeds (11-15) were never used to choos
     python benchmarks/quality.py --out q_btcv --dataset BTCV_DIR   # any BTCV-layout folder
     python benchmarks/quality.py --out quality_out --add-methods pieces refnet_label_pieces unseen_pieces
                                                                    # score methods added since a run finished
+    python benchmarks/quality.py --out q_again --from-runs benchmarks/quality_runs/seed*.json
+                                                                   # the tables again from kept per-case scores
 
 Writes ``OUT/quality.json`` (methods as keys; gains with paired 95% intervals under ``gains``),
 ``OUT/quality_gain.png`` (per-organ change against raw), ``OUT/quality.md`` (the table) and, per seed,
-``OUT/seed<N>/run.json`` (per-case scores; a rerun reuses finished seeds and resumes the others).
+``OUT/seed<N>/run.json`` (per-case scores; a rerun reuses finished seeds and resumes the others). The
+run files of the published tables are kept in ``benchmarks/quality_runs/``: ``--from-runs`` pools any of
+them (no training, seconds), so every figure can be recomputed and other seeds pooled in later.
 """
 
 from __future__ import annotations
@@ -97,8 +101,13 @@ def main() -> int:
     parser.add_argument("--add-methods", nargs="+", choices=METHODS, metavar="METHOD",
                         help="score these methods on the seeds already finished under --out (their base models "
                              "and refnet_label.pt are reused) and add them to each run.json")
+    parser.add_argument("--from-runs", nargs="+", metavar="RUN_JSON",
+                        help="pool these finished per-seed run files (OUT/seed<N>/run.json) instead of running "
+                             "seeds: nothing is trained; --quick only labels the preset")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = parser.parse_args()
+    if args.from_runs and (args.seeds or args.dataset or args.add_methods):
+        parser.error("--from-runs pools finished runs; it takes no --seeds, --dataset or --add-methods.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = QualityConfig.quick() if args.quick else QualityConfig()
     config = replace(config, demo=replace(config.demo, device=args.device),
@@ -106,7 +115,18 @@ def main() -> int:
     seeds = args.seeds or (FRESH_SEEDS[:1] if args.quick else FRESH_SEEDS)
     out = Path(args.out)
     runs, t0 = [], time.perf_counter()
-    for seed in ([0] if args.dataset else seeds):
+    for name in args.from_runs or ():
+        try:
+            run = json.loads(Path(name).read_text())
+        except (OSError, ValueError) as err:
+            parser.error(f"--from-runs {name}: not a readable run file ({err}); give OUT/seed<N>/run.json files.")
+        if not isinstance(run, dict) or not {"seed", "methods"} <= set(run):
+            parser.error(f"--from-runs {name}: not a run file (no per-case 'methods'); give OUT/seed<N>/run.json "
+                         "files, not quality.json.")
+        if any(r["seed"] == run["seed"] and r.get("dataset") == run.get("dataset") for r in runs):
+            parser.error(f"--from-runs {name}: seed {run['seed']} is given twice; each seed counts once.")
+        runs.append(run)
+    for seed in ([] if args.from_runs else [0] if args.dataset else seeds):
         folder = out / ("dataset" if args.dataset else f"seed{seed}")
         done = folder / "run.json"
         if done.exists():

@@ -57,7 +57,8 @@ class GuardConfig:
 
     @classmethod
     def off(cls) -> GuardConfig:
-        """Every guard off: the net's raw refinement (for ablations)."""
+        """Every guard off: the net's raw refinement (for ablations). The piece decision is a stage after
+        the guards, not a guard: ``drop_pieces`` stays on (pass ``drop_pieces=False`` to ``replace`` it off)."""
         return cls(**{name: False for name in GUARD_NAMES})
 
 
