@@ -89,6 +89,44 @@ def test_gates_keep_the_largest_piece_unless_the_class_is_implausibly_small():
     assert PieceGates(main_pieces=()).allow(pieces, ~largest | adrenal, class_ml, class_ml)[adrenal].sum() == 2
 
 
+def _slab() -> np.ndarray:
+    """A correct liver cut by the scan range: a slab through two lobes joined above it (two pieces, both
+    reaching the top and bottom slices), and a small gallbladder cap reaching the bottom slice."""
+    t = np.zeros((40, 40, 6), np.uint8)
+    t[4:24, 4:30, :] = LIVER
+    t[28:32, 10:16, :] = LIVER  # the other lobe, 7% of the first
+    t[32:34, 30:32, :2] = GALLBLADDER
+    return t
+
+
+def test_pieces_the_image_edge_cuts_are_flagged():
+    t = _slab()
+    t[10:12, 34:36, 2:4] = KIDNEY  # inside: touches no edge
+    pieces = find_pieces(t, (1.0, 1.0, 1.0))
+    assert pieces.cut[pieces.cls == LIVER].all() and pieces.cut[pieces.cls == GALLBLADDER].all()
+    assert not pieces.cut[pieces.cls == KIDNEY].any()
+    assert not find_pieces(t, (1.0, 1.0, 1.0), edges=[False] * 6).cut.any()  # a box inside a larger image
+    top_only = find_pieces(t, (1.0, 1.0, 1.0), edges=[False] * 5 + [True]).cut
+    assert top_only.tolist() == [p == LIVER for p in find_pieces(t, (1.0, 1.0, 1.0)).cls]  # the cap stops short
+    with pytest.raises(ValueError, match="one flag per face"):
+        find_pieces(t, (1.0, 1.0, 1.0), edges=[True] * 4)
+
+
+def test_gates_keep_what_the_image_edge_cuts():
+    t = _slab()
+    pieces = find_pieces(t, (1.0, 1.0, 1.0))
+    everything = np.ones(len(pieces.cls), bool)
+    class_ml = np.bincount(pieces.cls, weights=pieces.voxels, minlength=13)[pieces.cls] / 1000.0
+    typical = class_ml * 100  # every class far below its typical volume: whole classes may go
+    assert not PieceGates().allow(pieces, everything, class_ml, typical).any()
+    # Without the rule the smaller lobe goes, and the cut gallbladder cap with its whole class.
+    free = PieceGates(keep_cut=False).allow(pieces, everything, class_ml, typical)
+    assert free.all()
+    # The same slab inside a larger image: nothing is cut, so the gates alone decide again.
+    inner = find_pieces(t, (1.0, 1.0, 1.0), edges=[False] * 6)
+    assert PieceGates().allow(inner, everything, class_ml, typical).all()
+
+
 def _decider(seed: int = 0) -> PieceDecider:
     rng = np.random.default_rng(seed)
     truths = [_truth(gallbladder=n % 2 == 0) for n in range(6)]
@@ -182,6 +220,27 @@ def test_a_model_file_carries_its_decider_and_the_engine_applies_it(tmp_path):
     kept = refine_volume(raw, np.eye(4), model, config=RefineConfig(guards=GuardConfig(drop_pieces=False)))
     assert kept.report.dropped_pieces == {} and (kept.labels == GALLBLADDER).any()  # the net alone keeps the class
     assert "Piece decision: off." in format_guards(kept.report, GuardConfig(drop_pieces=False))
+
+
+def test_the_engine_keeps_pieces_the_image_edge_cuts_and_reads_the_edges_from_its_box(tmp_path):
+    from dataclasses import replace
+
+    from refnet.checkpoint import load_model
+    from refnet.refine import refine_volume
+
+    model = load_model(None)
+    model.pieces = replace(_decider(), threshold=-1.0)  # scores every piece for dropping: only the gates stop it
+    slab = _slab()
+    lobe = (slab == LIVER) & (np.arange(40)[:, None, None] >= 28)
+    out = refine_volume(slab, np.eye(4), model)
+    assert out.labels[lobe].tolist().count(LIVER) == lobe.sum() and (out.labels == GALLBLADDER).any()
+    assert out.report.dropped_pieces == {}
+    # The same anatomy with background above and below (the scan covers the lobes' ends): the engine's box
+    # stops inside the image, so nothing is cut and the smaller lobe goes (the decider's call).
+    padded = np.pad(slab, ((0, 0), (0, 0), (8, 8)))
+    inside = refine_volume(padded, np.eye(4), model)
+    assert not (inside.labels[:, :, 8:14][lobe] == LIVER).any()
+    assert inside.report.dropped_pieces["Liver"]["pieces"] == 1
 
 
 def test_a_damaged_decider_in_a_model_file_is_named(tmp_path):

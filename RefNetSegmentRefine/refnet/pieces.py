@@ -17,7 +17,7 @@ it touches, where it lies against the class's largest piece, and the class. Its 
 from the truth). A small MLP ensemble (torch) scores the pieces; a piece is dropped when the score
 passes a cut-off chosen by cross-validation on the training cases and the no-harm gates allow it
 (:class:`PieceGates`): a class's largest piece (both adrenal glands' two) only goes with the whole
-class, and a whole class only when it is implausibly small.
+class, a whole class only when it is implausibly small, and a piece the image's edge cuts never goes.
 
 Written by hand because no medical-imaging library learns connected-component decisions: MONAI and
 nnU-Net offer only the fixed largest-component rule.
@@ -61,6 +61,8 @@ class Pieces:
         boxes: per class, the bounding-box slices of its voxels.
         parts: per class, the component labels inside its box (1..n; piece ``index`` of the class).
         index: (N,) component label of each piece in its class's ``parts``.
+        cut: (N,) whether the piece reaches an edge of the image (a first or last voxel along an axis):
+            the scan range or a crop cuts it, so its true size and connections are unknown.
     """
 
     cls: np.ndarray
@@ -69,6 +71,7 @@ class Pieces:
     boxes: dict[int, tuple[slice, ...]] = field(default_factory=dict)
     parts: dict[int, np.ndarray] = field(default_factory=dict)
     index: np.ndarray = field(default_factory=lambda: np.zeros(0, int))
+    cut: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
 
     def mask(self, n: int, shape: tuple[int, ...]) -> np.ndarray:
         """Boolean (X, Y, Z) mask of piece ``n``."""
@@ -78,18 +81,24 @@ class Pieces:
         return out
 
 
-def find_pieces(labels: np.ndarray, spacing: Sequence[float], *, num_classes: int = NUM_CLASSES) -> Pieces:
+def find_pieces(labels: np.ndarray, spacing: Sequence[float], *, num_classes: int = NUM_CLASSES,
+                edges: Sequence[bool] | None = None) -> Pieces:
     """Every 26-connected piece of every organ class of ``labels`` (canonical RAS), with its features.
 
     Features are in mm and mL and relative to the map's own pieces, so they do not depend on the voxel
-    grid or on how much background surrounds the labels.
+    grid or on how much background surrounds the labels. ``edges``: which of the array's six faces
+    (axis 0 low, axis 0 high, axis 1 low, ...) are the image's own edges, for :attr:`Pieces.cut`
+    (None: all six; a box cut out of a larger image passes only the faces it shares with it).
     """
     labels = np.asarray(labels)
     if labels.ndim != 3:
         raise ValueError(f"find_pieces needs a 3D label map, got shape {labels.shape}.")
     spacing = np.asarray(spacing, dtype=np.float64)
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    rows, classes, counts, indices, boxes_out, parts_out = [], [], [], [], {}, {}
+    edges = (True,) * 6 if edges is None else tuple(bool(e) for e in edges)
+    if len(edges) != 6:
+        raise ValueError(f"edges: one flag per face of a 3D array (6), got {len(edges)}.")
+    rows, classes, counts, indices, cuts, boxes_out, parts_out = [], [], [], [], [], {}, {}
     for cls, box in enumerate(ndimage.find_objects(labels, max_label=num_classes - 1), start=1):
         if box is None:
             continue
@@ -121,9 +130,20 @@ def find_pieces(labels: np.ndarray, spacing: Sequence[float], *, num_classes: in
             classes.append(cls)
             counts.append(int(sizes[n]))
             indices.append(n + 1)
+            cuts.append(_reaches_edge(box, piece_box, labels.shape, edges))
     features = np.array(rows, dtype=np.float64).reshape(len(rows), len(FEATURE_NAMES))
     return Pieces(np.array(classes, int), np.array(counts, np.int64), features, boxes_out, parts_out,
-                  np.array(indices, int))
+                  np.array(indices, int), np.array(cuts, bool))
+
+
+def _reaches_edge(box: tuple[slice, ...], piece_box: tuple[slice, ...], shape: tuple[int, ...],
+                  edges: tuple[bool, ...]) -> bool:
+    """Whether a piece (its box inside its class's box) has a voxel on one of the image-edge faces."""
+    for axis, (outer, inner) in enumerate(zip(box, piece_box)):
+        lo, hi = outer.start + inner.start, outer.start + inner.stop
+        if (edges[2 * axis] and lo == 0) or (edges[2 * axis + 1] and hi == shape[axis]):
+            return True
+    return False
 
 
 def _centroid(mask: np.ndarray) -> np.ndarray:
@@ -218,16 +238,21 @@ class PieceGates:
             total volume is below this fraction of its typical volume in the training truth.
         main_pieces: ``(class, k)`` pairs: classes whose anatomy has k separate parts, whose k largest
             pieces are all kept like a largest piece. The one class of both adrenal glands has two.
+        keep_cut: a piece the image's edge cuts (:attr:`Pieces.cut`) is kept, and its class never goes
+            whole: beyond the edge it may be larger or joined to the rest of its organ, so its size and
+            gap say nothing. (A slab cut out of a correct map splits a liver into lobes the decider
+            would drop; a scan range that cuts an organ does the same.)
     """
 
     class_floor: float = 0.2
     main_pieces: tuple[tuple[int, int], ...] = ((ADRENAL_GLANDS, 2),)
+    keep_cut: bool = True
 
     def __post_init__(self) -> None:  # a saved file holds lists
         object.__setattr__(self, "main_pieces", tuple((int(c), int(k)) for c, k in self.main_pieces))
 
     def allow(self, pieces: Pieces, drop: np.ndarray, class_ml: np.ndarray, typical: np.ndarray) -> np.ndarray:
-        """``drop`` with the gates applied: a class keeps its main pieces or goes as a whole."""
+        """``drop`` with the gates applied: a class keeps its main (and cut) pieces or goes as a whole."""
         drop = np.array(drop, dtype=bool, copy=True)
         if not len(drop):
             return drop
@@ -237,6 +262,9 @@ class PieceGates:
         for c, k in self.main_pieces:
             mine = np.nonzero(pieces.cls == c)[0]
             main[mine[np.argsort(-pieces.voxels[mine], kind="stable")[:k]]] = True
+        if self.keep_cut and len(pieces.cut) == len(drop):  # (Pieces built without the flags: none is cut)
+            main |= pieces.cut
+            small_class = small_class & ~np.isin(pieces.cls, pieces.cls[pieces.cut])
         drop &= ~main | small_class
         for c in np.unique(pieces.cls[largest & drop]):
             drop[pieces.cls == c] = True
@@ -295,9 +323,11 @@ class PieceDecider:
         """Drop probability of each piece (before the cut-off and the gates)."""
         return _predict(self.states, self.width, self._standard(self.features(pieces, spacing)))
 
-    def decide(self, labels: np.ndarray, spacing: Sequence[float]) -> tuple[Pieces, np.ndarray]:
-        """The pieces of ``labels`` (canonical RAS) and which of them to drop (bool (N,)), gates applied."""
-        pieces = find_pieces(labels, spacing)
+    def decide(self, labels: np.ndarray, spacing: Sequence[float],
+               edges: Sequence[bool] | None = None) -> tuple[Pieces, np.ndarray]:
+        """The pieces of ``labels`` (canonical RAS) and which of them to drop (bool (N,)), gates applied;
+        ``edges`` as :func:`find_pieces` (None: ``labels`` is the whole image)."""
+        pieces = find_pieces(labels, spacing, edges=edges)
         drop = self.scores(pieces, spacing) > self.threshold
         return pieces, self.gates.allow(pieces, drop, _class_ml(pieces, spacing),
                                         np.asarray(self.typical_ml)[pieces.cls])
@@ -326,7 +356,7 @@ class PieceDecider:
         return {"features": list(FEATURE_NAMES), "typical_ml": self.typical_ml, "mean": self.mean,
                 "scale": self.scale, "states": self.states, "threshold": self.threshold,
                 "gates": {"class_floor": self.gates.class_floor,
-                          "main_pieces": [list(p) for p in self.gates.main_pieces]},
+                          "main_pieces": [list(p) for p in self.gates.main_pieces], "keep_cut": self.gates.keep_cut},
                 "width": self.width, "provenance": self.provenance}
 
     @classmethod

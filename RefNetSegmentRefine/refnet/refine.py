@@ -568,7 +568,9 @@ def refine_volume(
     out, report.held_back = apply_guards(proposal, model, config.guards)
     if config.guards.drop_pieces and model.pieces is not None:
         # The box holds every labelled voxel with background around it: the pieces are the volume's own.
-        out, report.dropped_pieces = _drop_pieces(out, spacing, model.pieces)
+        # Its faces that are the image's own edges tell which pieces the edge cuts (those are kept).
+        edges = [e for b, n in zip(proposal.box, canon.shape) for e in (b.start in (0, None), b.stop in (n, None))]
+        out, report.dropped_pieces = _drop_pieces(out, spacing, model.pieces, edges)
     diff = out != proposal.raw
     added = np.bincount(out[diff], minlength=len(CLASS_NAMES))
     removed = np.bincount(proposal.raw[diff], minlength=len(CLASS_NAMES))
@@ -580,11 +582,12 @@ def refine_volume(
     return RefineResult(reo.backward(refined).astype(labels.dtype, copy=False), report)
 
 
-def _drop_pieces(labels: np.ndarray, spacing: tuple[float, float, float], decider: Any) -> tuple[np.ndarray, dict]:
+def _drop_pieces(labels: np.ndarray, spacing: tuple[float, float, float], decider: Any,
+                 edges: Any = None) -> tuple[np.ndarray, dict]:
     """``labels`` without the pieces ``decider`` rejects, and per class what went."""
     from .pieces import remove_pieces
 
-    pieces, drop = decider.decide(labels, spacing)
+    pieces, drop = decider.decide(labels, spacing, edges)
     if not drop.any():
         return labels, {}
     dropped = {}
