@@ -7,8 +7,13 @@ read through the flare22 / word label schemes (structures RefNet lacks pass thro
 "Do no harm"): mean organ Dice against the input >= 0.998 (phantoms) and >= 0.995 (real), no
 invented class, no new component. Optionally the same with every guard off, for the ablation.
 
+``--crops`` adds, per real map, parts of it as a user may load them (each again a correct map, with the
+same bars, reported as ``<group>_crops``): the top and bottom 4 labelled slices, 4-slice slabs at 20, 40,
+60 and 80% of the labelled range (a short scan range that cuts organs) and the right and left halves
+(an in-plane region of interest cut through the midline).
+
     python benchmarks/no_harm.py [--model FILE] [--pieces FILE] [--real-dir DIR] [--limit N]
-        [--phantoms-only] [--guards-off] [--out benchmarks/no_harm.json]
+        [--phantoms-only] [--guards-off] [--crops] [--out benchmarks/no_harm.json]
 
 ``--pieces`` applies a piece decider (refnet.pieces, e.g. a quality benchmark seed's ``pieces.pt``) after
 the refiner, as the pipeline would.
@@ -24,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from refnet.checkpoint import load_model
 from refnet.data.phantoms import PhantomConfig, make_phantom
+from refnet.geometry import canonical_affine, to_canonical
 from refnet.guards import GuardConfig
 from refnet.io import load_volume
 from refnet.no_harm import no_harm_scores
@@ -34,6 +40,8 @@ REAL_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_label
 INPLANE_MM = (0.75, 1.5, 3.0)
 SLICE_MM = (1.0, 2.5, 5.0)
 BARS = {"phantom": 0.998, "flare22_dev": 0.995, "flare22": 0.995, "word": 0.995}
+BARS.update({f"{group}_crops": bar for group, bar in BARS.items()})
+SLAB = 4  # slices of each slab crop
 # benchmarks/preset_selection.py chose the demo preset on these; reported apart from the untouched rest.
 DEV_CASES = {f"FLARE22_Tr_{i:04d}" for i in range(1, 6)}
 
@@ -49,6 +57,36 @@ def _cases(args):
             name = f.name.replace(".nii.gz", "")
             group = "flare22_dev" if name in DEV_CASES else scheme  # seen while choosing the preset
             yield group, name, scheme, lambda f=f: _file(f)
+            if args.crops:
+                for part in CROPS:
+                    yield f"{group}_crops", f"{name} {part}", scheme, lambda f=f, part=part: _crop(*_file(f), part)
+
+
+CROPS = ("top", "bottom", "z20", "z40", "z60", "z80", "right", "left")
+
+
+def _crop(labels: np.ndarray, affine: np.ndarray, part: str):
+    """A part of a map (canonical RAS, :data:`CROPS`) with the affine of its first voxel."""
+    canon, _ = to_canonical(np.asarray(labels), affine)
+    ca = canonical_affine(affine, np.shape(labels))
+    z = np.flatnonzero(canon.any(axis=(0, 1)))
+    lo, hi = int(z[0]), int(z[-1]) + 1
+    box = [slice(None)] * 3
+    if part == "top":
+        box[2] = slice(max(lo, hi - SLAB), hi)
+    elif part == "bottom":
+        box[2] = slice(lo, min(hi, lo + SLAB))
+    elif part.startswith("z"):
+        start = lo + int(int(part[1:]) / 100 * (hi - lo))
+        box[2] = slice(start, min(hi, start + SLAB))
+    else:  # RAS+: the index along axis 0 grows towards the patient's right
+        mid = canon.shape[0] // 2
+        box[0] = slice(mid, canon.shape[0]) if part == "right" else slice(0, mid)
+    crop = np.ascontiguousarray(canon[tuple(box)])
+    starts = np.array([b.start or 0 for b in box], dtype=np.float64)
+    out = ca.copy()
+    out[:3, 3] = ca[:3, 3] + ca[:3, :3] @ starts
+    return crop, out
 
 
 def _phantom(seed: int, inplane: float, slices: float):
@@ -75,6 +113,8 @@ def main() -> None:
     parser.add_argument("--phantoms-only", action="store_true")
     parser.add_argument("--guards-off", action="store_true", help="every guard off (ablation)")
     parser.add_argument("--pieces", help="piece decider file applied after the refiner (refnet.pieces)")
+    parser.add_argument("--crops", action="store_true",
+                        help="also refine parts of each real map: slabs and halves (see above)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = parser.parse_args()
@@ -111,7 +151,7 @@ def main() -> None:
               f"{'PASS' if s['passes'] else 'FAIL'}")
     Path(args.out).write_text(json.dumps({"model": args.model or "shipped", "pieces": args.pieces,
                                           "model_has_piece_decider": model.pieces is not None,
-                                          "guards_off": args.guards_off,
+                                          "guards_off": args.guards_off, "crops": args.crops,
                                           "summary": summary, "cases": rows}, indent=2) + "\n")
 
 
