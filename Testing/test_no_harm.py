@@ -57,3 +57,32 @@ def test_new_components_counts_islands():
     after[7:9, 7:9, 2] = 6
     after[4, 1:4, 1:3] = 6
     assert new_components(before, after) == 1 and new_components(before, before) == 0
+
+
+def _benchmark():
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("no_harm_benchmark", root / "benchmarks" / "no_harm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_slab_cut_through_two_liver_lobes_keeps_both(shipped):
+    """FLARE22 dev map 0003's slab at 80% of its labelled range cuts the liver into two lobes: before the
+    piece decision kept what the image's edge cuts, the smaller lobe (1181 voxels) was dropped."""
+    path = REAL / "flare22" / "FLARE22_Tr_0003.nii.gz"
+    if not path.exists():
+        pytest.skip(f"{path} not available (../shared/data/real_labels)")
+    from refnet.geometry import canonical_affine, to_canonical
+
+    bench = _benchmark()
+    vol = load_volume(path)
+    crop, affine = bench._crop(vol.array, vol.affine, "z80")
+    canon, _ = to_canonical(np.asarray(vol.array), vol.affine)
+    k0 = int(np.rint(np.linalg.solve(canonical_affine(vol.affine, vol.array.shape), affine[:, 3])[2]))
+    np.testing.assert_array_equal(crop, canon[:, :, k0:k0 + crop.shape[2]])  # the affine places the slab
+    assert crop.shape[2] == bench.SLAB
+    scores = no_harm_scores(crop, affine, shipped, scheme="flare22")
+    assert scores["dropped_pieces"] == {} and scores["mean_dice"] >= 0.995, scores
