@@ -79,7 +79,7 @@ def test_a_slab_cut_through_two_liver_lobes_keeps_both(shipped):
 
     bench = _benchmark()
     vol = load_volume(path)
-    crop, affine = bench._crop(vol.array, vol.affine, "z80")
+    crop, affine = bench._crop(vol.array, vol.affine, "z80", "flare22")
     canon, _ = to_canonical(np.asarray(vol.array), vol.affine)
     k0 = int(np.rint(np.linalg.solve(canonical_affine(vol.affine, vol.array.shape), affine[:, 3])[2]))
     np.testing.assert_array_equal(crop, canon[:, :, k0:k0 + crop.shape[2]])  # the affine places the slab

@@ -32,6 +32,7 @@ from refnet.data.phantoms import PhantomConfig, make_phantom
 from refnet.geometry import canonical_affine, to_canonical
 from refnet.guards import GuardConfig
 from refnet.io import load_volume
+from refnet.labels import to_class_labels
 from refnet.no_harm import no_harm_scores
 from refnet.pieces import PieceDecider
 from refnet.refine import RefineConfig
@@ -59,17 +60,19 @@ def _cases(args):
             yield group, name, scheme, lambda f=f: _file(f)
             if args.crops:
                 for part in CROPS:
-                    yield f"{group}_crops", f"{name} {part}", scheme, lambda f=f, part=part: _crop(*_file(f), part)
+                    yield (f"{group}_crops", f"{name} {part}", scheme,
+                           lambda f=f, part=part, scheme=scheme: _crop(*_file(f), part, scheme))
 
 
 CROPS = ("top", "bottom", "z20", "z40", "z60", "z80", "right", "left")
 
 
-def _crop(labels: np.ndarray, affine: np.ndarray, part: str):
-    """A part of a map (canonical RAS, :data:`CROPS`) with the affine of its first voxel."""
+def _crop(labels: np.ndarray, affine: np.ndarray, part: str, scheme: str = "refnet"):
+    """A part of a map (canonical RAS, :data:`CROPS`) with the affine of its first voxel; the slabs are
+    placed in the range of RefNet's organs (WORD's lowest slices hold only bladder and femoral heads)."""
     canon, _ = to_canonical(np.asarray(labels), affine)
     ca = canonical_affine(affine, np.shape(labels))
-    z = np.flatnonzero(canon.any(axis=(0, 1)))
+    z = np.flatnonzero(to_class_labels(canon, scheme)[0].any(axis=(0, 1)))
     lo, hi = int(z[0]), int(z[-1]) + 1
     box = [slice(None)] * 3
     if part == "top":
@@ -129,6 +132,9 @@ def main() -> None:
         t0 = time.perf_counter()
         scores = no_harm_scores(labels, affine, model, scheme=scheme, config=config, pieces=decider)
         seconds = time.perf_counter() - t0
+        if scores["mean_dice"] is None:  # none of RefNet's organs in it: nothing to score
+            print(f"{group:<12}{name:<26} no RefNet organ, skipped", flush=True)
+            continue
         rows.append({"group": group, "case": name, "seconds": round(seconds, 1), **scores})
         dropped = _dropped(scores)
         print(f"{group:<12}{name:<26}{scores['mean_dice']:>10.4f}{scores['min_dice']:>10.4f}"
