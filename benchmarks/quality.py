@@ -147,6 +147,8 @@ def main() -> int:
     summary = summarise_quality(runs)
     summary["preset"] = "quick" if args.quick else "full"
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
+    if args.from_runs:
+        summary["from_runs"] = list(args.from_runs)
     write_json(out / "quality.json", summary)
     save_gain_chart(out / "quality_gain.png", summary)
     table = quality_table(summary)
