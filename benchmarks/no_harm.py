@@ -22,6 +22,7 @@ the refiner, as the pipeline would.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -98,6 +99,7 @@ def _phantom(seed: int, inplane: float, slices: float):
     return ph.labels, ph.affine
 
 
+@functools.lru_cache(maxsize=1)  # a map's eight crops read it once
 def _file(path: Path):
     vol = load_volume(path)
     return vol.array, vol.affine

@@ -569,7 +569,7 @@ def refine_volume(
     if config.guards.drop_pieces and model.pieces is not None:
         # The box holds every labelled voxel with background around it: the pieces are the volume's own.
         # Its faces that are the image's own edges tell which pieces the edge cuts (those are kept).
-        edges = [e for b, n in zip(proposal.box, canon.shape) for e in (b.start in (0, None), b.stop in (n, None))]
+        edges = [e for b, n in zip(proposal.box, canon.shape) for e in (b.start == 0, b.stop == n)]
         out, report.dropped_pieces = _drop_pieces(out, spacing, model.pieces, edges)
     diff = out != proposal.raw
     added = np.bincount(out[diff], minlength=len(CLASS_NAMES))
