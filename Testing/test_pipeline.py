@@ -2,6 +2,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import refnet.io
 import refnet.segmenters
 from refnet.checkpoint import load_model
 from refnet.data.phantoms import PhantomConfig
@@ -92,3 +93,35 @@ def test_out_of_fold_predictions_come_from_models_that_did_not_see_the_case(tmp_
         train_segmenters(tmp_path / "data", tmp_path / "out", [config], holdout=[8], folds=2)
     with pytest.raises(ValueError, match="folds must be 0"):
         train_segmenters(tmp_path / "data", tmp_path / "new", [config], holdout=[8], folds=4)
+
+
+def test_base_models_on_their_own_grid_train_and_predict_on_the_ct_voxels(tmp_path, monkeypatch):
+    """A base model with spacing_mm gets each case's canonical spacing; its predictions come back on the CT grid."""
+    from refnet.data.btcv import find_cases, load_case
+    from refnet.geometry import to_canonical
+
+    fine = replace(_tiny_demo().phantoms, inplane_spacing_mm=(4.0, 4.0), slice_spacing_mm=(6.0, 6.0))
+    from refnet.data.phantoms import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path / "data", [5, 6, 1], config=fine, seed=0)
+    config = replace(_tiny_demo().segmenters[0], spacing_mm=(8.0, 8.0, 12.0), patch_size=(16, 16, 8))
+    seen = []
+    real_train, real_predict = refnet.segmenters.train_segmenter, refnet.segmenters.predict_segmenter
+
+    def spy_train(cases, cfg, **kw):
+        seen.append(("train", [tuple(round(v, 3) for v in s) for s in kw["spacings"]]))
+        return real_train(cases, cfg, **kw)
+
+    def spy_predict(net, ct, cfg, **kw):
+        seen.append(("predict", tuple(round(v, 3) for v in kw["spacing"])))
+        return real_predict(net, ct, cfg, **kw)
+
+    monkeypatch.setattr(refnet.segmenters, "train_segmenter", spy_train)
+    monkeypatch.setattr(refnet.segmenters, "predict_segmenter", spy_predict)
+    folder, = train_segmenters(tmp_path / "data", tmp_path / "out", [config])
+    assert seen[0] == ("train", [(4.0, 4.0, 6.0)] * 2) and seen[1:] == [("predict", (4.0, 4.0, 6.0))] * 3
+    for case in find_cases(tmp_path / "data").values():
+        ct, _ = load_case(case)
+        pred = refnet.io.load_volume(folder / f"label{case.case_id:04d}.nii.gz")
+        assert pred.array.shape == ct.array.shape
+        assert to_canonical(pred.array, pred.affine)[0].shape == to_canonical(ct.array, ct.affine)[0].shape

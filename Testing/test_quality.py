@@ -65,6 +65,16 @@ def test_unknown_methods_are_refused():
         QualityConfig(methods=("raw", "unseen_refnet_label"))
 
 
+def test_the_unseen_architecture_must_stay_unseen():
+    base = QualityConfig()
+    two = replace(base.demo, segmenters=(SegmenterConfig.demo("unet"), SegmenterConfig.demo("dynunet", seed=1)))
+    assert replace(base, demo=two).demo.segmenters[1].architecture == "dynunet"  # SegResNet is still unseen
+    with_segresnet = replace(base.demo, segmenters=(SegmenterConfig.demo("unet"), SegmenterConfig.demo("segresnet")))
+    with pytest.raises(ValueError, match=r"the unseen architecture 'segresnet' is one of the base models"):
+        replace(base, demo=with_segresnet)
+    assert replace(base, demo=with_segresnet, methods=("raw", "refnet_label")).unseen.architecture == "segresnet"
+
+
 def test_methods_added_to_a_finished_run_leave_the_others_alone(tmp_path):
     from refnet.quality import add_methods
 
@@ -82,3 +92,20 @@ def test_methods_added_to_a_finished_run_leave_the_others_alone(tmp_path):
     assert summary["gains"]["unseen_pieces"]["against"] == "unseen_raw"
     with pytest.raises(ValueError, match="needs unseen_raw"):
         replace(_tiny(), methods=("raw", "unseen_pieces"))
+
+
+def test_clinical_resolution_keeps_everything_but_the_grids():
+    from refnet.quality import CLINICAL_INPLANE_MM, CLINICAL_SLICE_MM, MODEL_SPACING_MM
+
+    base = QualityConfig.quick()
+    clinical = base.at_clinical_resolution()
+    assert clinical.demo.phantoms == replace(base.demo.phantoms, inplane_spacing_mm=CLINICAL_INPLANE_MM,
+                                             slice_spacing_mm=CLINICAL_SLICE_MM)
+    assert CLINICAL_INPLANE_MM[1] <= 1.0 and CLINICAL_SLICE_MM[1] <= 5.0  # clinical CT: <= 1 mm pixels, <= 5 mm slices
+    assert [s.spacing_mm for s in clinical.demo.segmenters] == [MODEL_SPACING_MM] * 2
+    assert clinical.unseen.spacing_mm == MODEL_SPACING_MM
+    # Base models and RefNet otherwise unchanged; a model's own grid is kept.
+    assert [replace(s, spacing_mm=None) for s in clinical.demo.segmenters] == list(base.demo.segmenters)
+    assert clinical.demo.train == base.demo.train and clinical.methods == base.methods
+    own = replace(base, unseen=replace(base.unseen, spacing_mm=(3.0, 3.0, 3.0)))
+    assert own.at_clinical_resolution().unseen.spacing_mm == (3.0, 3.0, 3.0)

@@ -54,3 +54,33 @@ def test_from_runs_refuses_what_it_cannot_pool(tmp_path, monkeypatch, capsys, ba
     with pytest.raises(SystemExit) as done:
         _main(monkeypatch, "--out", tmp_path / "out", "--from-runs", good, other)
     assert done.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("presets, message", [(["unet"], "give K >= 2 base models"),
+                                              (["unet", "vnet"], "unknown architecture 'vnet'"),
+                                              (["unet", "unet:steps=0"], "steps must be an int >= 1"),
+                                              (["unet", "segresnet"], "the unseen architecture 'segresnet'")])
+def test_segmenters_refuses_bad_presets(tmp_path, monkeypatch, capsys, presets, message):
+    with pytest.raises(SystemExit) as done:
+        _main(monkeypatch, "--out", tmp_path / "out", "--quick", "--segmenters", *presets)
+    assert done.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_segmenters_reach_the_run_and_the_summary(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("quality_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    seen = []
+
+    def fake_run(folder, config, *, seed, dataset):
+        seen.append(config.demo.segmenters)
+        return _run(seed, [0.5, 0.7], [0.51, 0.72])
+
+    monkeypatch.setattr(module, "run_quality", fake_run)
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--out", str(tmp_path / "out"), "--quick", "--seeds", "21",
+                                      "--segmenters", "unet", "dynunet:seed=1"])
+    assert module.main() == 0
+    assert [(s.architecture, s.seed) for s in seen[0]] == [("unet", 0), ("dynunet", 1)]
+    summary = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert summary["segmenters"] == ["unet", "dynunet:seed=1"]

@@ -56,7 +56,7 @@ def test_build_forward(architecture):
     ("changes", "match"),
     [
         ({"architecture": "vnet"},
-         r"unknown architecture 'vnet'; choose one of \['unet', 'segresnet', 'swinunetr'\]"),
+         r"unknown architecture 'vnet'; choose one of \['unet', 'dynunet', 'segresnet', 'swinunetr'\]"),
         ({"patch_size": (20, 16, 16)}, r"patch_size of unet must be 3 multiples of 8"),
         ({"patch_size": (16, 16)}, r"patch_size"),
         ({"architecture": "swinunetr", "patch_size": (64, 32, 32)}, r"features divisible by 12"),
@@ -81,6 +81,33 @@ def test_config_name_and_dict_round_trip():
         SegmenterConfig.from_dict({**config.to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match="unknown architecture 'nnunet'"):
         SegmenterConfig.demo("nnunet")
+
+
+def test_parse_preset_from_command_line_text():
+    config = SegmenterConfig.parse("dynunet:seed=1,steps=50,patch_size=(32, 32, 16)")
+    assert config == SegmenterConfig.demo("dynunet", seed=1, steps=50, patch_size=(32, 32, 16))
+    assert config.name == "dynunet-s1-50"
+    assert SegmenterConfig.parse(" unet ") == SegmenterConfig.demo("unet")
+    assert SegmenterConfig.parse("unet:name=my-unet").name == "my-unet"  # a bare word stays a string
+    with pytest.raises(ValueError, match=r"'bogus=1' is not field=value with a field of"):
+        SegmenterConfig.parse("unet:bogus=1")
+    with pytest.raises(ValueError, match=r"'architecture=unet' is not field=value"):
+        SegmenterConfig.parse("dynunet:architecture=unet")
+    with pytest.raises(ValueError, match=r"'steps' is not field=value"):
+        SegmenterConfig.parse("unet:steps")
+    with pytest.raises(ValueError, match="unknown architecture 'vnet'"):
+        SegmenterConfig.parse("vnet:steps=3")
+    with pytest.raises(ValueError, match="SegmenterConfig.steps must be an int >= 1, got 0"):
+        SegmenterConfig.parse("unet:steps=0")
+
+
+def test_dynunet_trains_and_predicts_at_full_resolution():
+    """nnU-Net's DynUNet: a full-resolution first stage, so its output has the patch's own size."""
+    cases = [_volume(0), _volume(1)]
+    config = SegmenterConfig(architecture="dynunet", features=4, patch_size=(16, 16, 8), steps=3)
+    net = train_segmenter(cases, config)
+    pred = predict_segmenter(net, cases[0][0], config)
+    assert pred.shape == cases[0][0].shape and pred.dtype == np.uint8
 
 
 def test_window_ct_range():
@@ -240,3 +267,48 @@ def test_read_affine_of_nrrd_matches_load_volume(tmp_path):
 
     path = save_volume(tmp_path / "x.nrrd", _volume(0)[1], AFFINE)
     np.testing.assert_allclose(read_affine(path), load_volume(path).affine)
+
+
+def test_model_spacing_resamples_the_ct_and_brings_the_logits_back():
+    """A model at spacing_mm predicts a fine CT as if given the CT on its own grid, then back on the CT's voxels."""
+    import torch.nn.functional as F
+
+    fine_ct, fine_labels = _volume(0, (32, 24, 16))  # 1 x 1 x 2 mm voxels
+    coarse = replace(TINY_UNET, patch_size=(16, 16, 8))
+    at_2mm = replace(coarse, spacing_mm=(2.0, 2.0, 4.0))
+    net = train_segmenter([(fine_ct, fine_labels)], at_2mm, spacings=[(1.0, 1.0, 2.0)])
+    logits = predict_segmenter_logits(net, fine_ct, at_2mm, spacing=(1.0, 1.0, 2.0))
+    assert logits.shape == (NUM_CLASSES, 32, 24, 16)
+    # The same net on the CT resampled by hand to 16 x 12 x 8 voxels, logits resampled back by hand.
+    small = F.interpolate(torch.from_numpy(fine_ct)[None, None], size=(16, 12, 8), mode="trilinear",
+                          align_corners=False)[0, 0].numpy()
+    by_hand = F.interpolate(torch.from_numpy(predict_segmenter_logits(net, small, coarse))[None], size=(32, 24, 16),
+                            mode="trilinear", align_corners=False)[0].numpy()
+    np.testing.assert_allclose(logits, by_hand, atol=1e-5)
+    # Training resampled the case the same way: the same weights as training on the hand-resampled case.
+    small_labels = F.interpolate(torch.from_numpy(fine_labels)[None, None], size=(16, 12, 8),
+                                 mode="nearest")[0, 0].numpy()
+    twin = train_segmenter([(small, small_labels)], coarse)
+    for a, b in zip(net.state_dict().values(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert predict_segmenter(net, fine_ct, at_2mm, spacing=(1.0, 1.0, 2.0)).shape == fine_ct.shape
+
+
+def test_model_spacing_needs_the_ct_spacing():
+    ct, labels = _volume(0)
+    config = replace(TINY_UNET, spacing_mm=(2.0, 2.0, 4.0))
+    with pytest.raises(ValueError, match=r"runs at \(2.0, 2.0, 4.0\) mm: pass spacings\[0\]"):
+        train_segmenter([(ct, labels)], config)
+    with pytest.raises(ValueError, match="spacings has 2 entries for 1 cases"):
+        train_segmenter([(ct, labels)], config, spacings=[(1, 1, 1), (1, 1, 1)])
+    net = build_segmenter(config)
+    with pytest.raises(ValueError, match=r"runs at \(2.0, 2.0, 4.0\) mm: pass spacing"):
+        predict_segmenter(net, ct, config)
+    with pytest.raises(ValueError, match="spacing must be 3 positive mm values"):
+        predict_segmenter(net, ct, config, spacing=(1.0, 0.0, 1.0))
+    for bad in ((2.0, 2.0), (2.0, -1.0, 4.0), (2.0, float("nan"), 4.0)):
+        with pytest.raises(ValueError, match=r"spacing_mm must be 3 positive mm values"):
+            replace(TINY_UNET, spacing_mm=bad)
+    assert SegmenterConfig.from_dict(config.to_dict()) == config  # through a checkpoint's dict
+    old = {k: v for k, v in TINY_UNET.to_dict().items() if k != "spacing_mm"}  # a checkpoint from before the field
+    assert SegmenterConfig.from_dict(old).spacing_mm is None

@@ -8,6 +8,9 @@ before any seed here was run; the default seeds (11-15) were never used to choos
     python benchmarks/quality.py --out quality_out                 # 5 fresh seeds, the demo's preset
     python benchmarks/quality.py --out quality_out --quick         # one fresh seed, < 30 min on 2 cores
     python benchmarks/quality.py --out q_btcv --dataset BTCV_DIR   # any BTCV-layout folder
+    python benchmarks/quality.py --out q_arch --quick --seeds 21 --segmenters unet dynunet:seed=1
+                                                                   # K = two architectures
+    python benchmarks/quality.py --out q_clin --quick --clinical   # CT at 0.7-1.0 mm, 1.5-5 mm slices
     python benchmarks/quality.py --out quality_out --add-methods pieces refnet_label_pieces unseen_pieces
                                                                    # score methods added since a run finished
     python benchmarks/quality.py --out q_again --from-runs benchmarks/quality_runs/seed*.json
@@ -42,6 +45,7 @@ from refnet.quality import (
     save_gain_chart,
     summarise_quality,
 )
+from refnet.segmenters import SegmenterConfig
 
 FRESH_SEEDS = (11, 12, 13, 14, 15)
 
@@ -104,14 +108,33 @@ def main() -> int:
     parser.add_argument("--from-runs", nargs="+", metavar="RUN_JSON",
                         help="pool these finished per-seed run files (OUT/seed<N>/run.json) instead of running "
                              "seeds: nothing is trained; --quick only labels the preset")
+    parser.add_argument("--segmenters", nargs="+", metavar="PRESET",
+                        help="the K base models RefNet and the decider train on, ARCH[:key=value,...] each "
+                             "(SegmenterConfig.parse); the first is raw. Default: the demo's two UNets "
+                             "(unet unet:seed=1,steps=400); e.g. unet dynunet:seed=1 for two architectures")
+    parser.add_argument("--clinical", action="store_true",
+                        help="phantoms at clinical resolution (0.7-1.0 mm pixels, 1.5-5 mm slices); the base models "
+                             "run on the demo's 2.2 x 2.2 x 4.5 mm grid and hand back logits on the CT's voxels")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = parser.parse_args()
     if args.from_runs and (args.seeds or args.dataset or args.add_methods):
         parser.error("--from-runs pools finished runs; it takes no --seeds, --dataset or --add-methods.")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = QualityConfig.quick() if args.quick else QualityConfig()
-    config = replace(config, demo=replace(config.demo, device=args.device),
-                     methods=tuple(args.methods or DEFAULT_METHODS))
+    try:
+        segmenters = tuple(SegmenterConfig.parse(p) for p in args.segmenters or ())
+    except ValueError as err:
+        parser.error(f"--segmenters: {err}")
+    if segmenters and len(segmenters) < 2:
+        parser.error("--segmenters: give K >= 2 base models (Algorithm 1 trains on several).")
+    try:
+        config = replace(config, demo=replace(config.demo, device=args.device,
+                                              segmenters=segmenters or config.demo.segmenters),
+                         methods=tuple(args.methods or DEFAULT_METHODS))
+        if args.clinical:
+            config = config.at_clinical_resolution()
+    except ValueError as err:
+        parser.error(str(err))
     seeds = args.seeds or (FRESH_SEEDS[:1] if args.quick else FRESH_SEEDS)
     out = Path(args.out)
     runs, t0 = [], time.perf_counter()
@@ -146,6 +169,10 @@ def main() -> int:
         print(f"seed {seed}: {run['timings']}", flush=True)
     summary = summarise_quality(runs)
     summary["preset"] = "quick" if args.quick else "full"
+    if segmenters:
+        summary["segmenters"] = list(args.segmenters)
+    if args.clinical:
+        summary["resolution"] = "clinical"
     summary["wall_s"] = round(time.perf_counter() - t0, 1)
     if args.from_runs:
         summary["from_runs"] = list(args.from_runs)

@@ -20,7 +20,7 @@ import numpy as np
 
 from .checkpoint import LoadedModel
 from .evaluate import dice_per_class, false_positive_ml, format_table, save_montage, summarise, write_metrics
-from .geometry import to_canonical
+from .geometry import canonical_spacing, to_canonical
 from .io import read_affine, write_json
 from .labels import CLASS_NAMES
 from .model import RefNetConfig
@@ -141,14 +141,15 @@ def train_segmenters(
         predictions = {}
         for run_config, fit_ids, predict_ids in runs:
             net = train_segmenter([data[c][:2] for c in fit_ids], run_config, device=device,
-                                  progress=progress and ctx.main)
+                                  spacings=[data[c][3] for c in fit_ids], progress=progress and ctx.main)
             if not ctx.main:
                 continue
             save_segmenter(Path(out_dir) / "segmenters" / f"{run_config.name}.pt", net, run_config)
             for case_id in predict_ids:
                 ct, _labels = load_case(cases[case_id])
                 canon_ct, reo = to_canonical(ct.array.astype(np.float32), ct.affine)
-                pred = predict_segmenter(net, canon_ct, run_config, device=device)
+                spacing = canonical_spacing(ct.affine, ct.array.shape)
+                pred = predict_segmenter(net, canon_ct, run_config, spacing=spacing, device=device)
                 predictions[case_id] = (reo.backward(pred), ct.affine)
         if ctx.main:
             save_predictions(Path(out_dir) / "predictions", config.name, predictions)
@@ -173,9 +174,10 @@ def _check_record(folder: Path, record: dict[str, Any]) -> None:
                          "pass a new output folder, or delete that one to retrain.")
 
 
-def _canonical_case(case: tuple[Any, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _canonical_case(case: tuple[Any, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]]:
     ct, labels = case
-    return (to_canonical(ct.array.astype(np.float32), ct.affine)[0], to_canonical(labels, ct.affine)[0], ct.affine)
+    return (to_canonical(ct.array.astype(np.float32), ct.affine)[0], to_canonical(labels, ct.affine)[0], ct.affine,
+            canonical_spacing(ct.affine, ct.array.shape))
 
 
 def evaluate_refinement(

@@ -61,6 +61,13 @@ REFNETS = ("refnet_label", "refnet_ct", "refnet_paper", "refnet_components")
 NEEDS = {"unseen_refnet_label": "unseen_raw", "unseen_pieces": "unseen_raw", "refnet_label_cleanup": "cleanup"}
 
 
+# Clinical resolution (QualityConfig.at_clinical_resolution): the phantoms' pixel and slice ranges, and the
+# base models' grid (the middle of the demo phantoms' 2.0-2.4 mm pixels and 4-5 mm slices).
+CLINICAL_INPLANE_MM = (0.7, 1.0)
+CLINICAL_SLICE_MM = (1.5, 5.0)
+MODEL_SPACING_MM = (2.2, 2.2, 4.5)
+
+
 def _varied_demo() -> DemoConfig:
     from .data.phantoms import PhantomConfig
 
@@ -98,6 +105,10 @@ class QualityConfig:
         for method, needed in NEEDS.items():
             if method in self.methods and needed not in self.methods:
                 raise ValueError(f"{method} needs {needed} (its baseline or its plan) in methods.")
+        trained_on = {s.architecture for s in self.demo.segmenters}
+        if "unseen_raw" in self.methods and self.unseen.architecture in trained_on:
+            raise ValueError(f"the unseen architecture {self.unseen.architecture!r} is one of the base models "
+                             f"RefNet trains on ({sorted(trained_on)}); choose another, or leave out unseen_raw.")
 
     def train_config(self, method: str) -> Any:
         """The RefNet training preset of a RefNet method."""
@@ -109,6 +120,21 @@ class QualityConfig:
         if method == "refnet_components":
             return replace(base, model=replace(base.model, component_channel=True))
         return base
+
+    def at_clinical_resolution(self) -> QualityConfig:
+        """The same preset on CT at clinical resolution: 0.7-1.0 mm pixels and 1.5-5 mm slices.
+
+        The base models train and predict on the demo's coarse grid (:data:`MODEL_SPACING_MM`, their
+        ``spacing_mm``: CT resampled to it, logits brought back to the CT's voxels, as nnU-Net does), so
+        their errors are those of a coarse model seen at fine resolution. RefNet refines at its own
+        1.5 mm through the spacing-aware engine; nothing of its preset changes.
+        """
+        phantoms = replace(self.demo.phantoms, inplane_spacing_mm=CLINICAL_INPLANE_MM,
+                           slice_spacing_mm=CLINICAL_SLICE_MM)
+        at = {"spacing_mm": MODEL_SPACING_MM}
+        segmenters = tuple(s if s.spacing_mm else replace(s, **at) for s in self.demo.segmenters)
+        unseen = self.unseen if self.unseen.spacing_mm else replace(self.unseen, **at)
+        return replace(self, demo=replace(self.demo, phantoms=phantoms, segmenters=segmenters), unseen=unseen)
 
     @classmethod
     def quick(cls) -> QualityConfig:
@@ -255,7 +281,7 @@ def _score_test_cases(data, cases, config, folders, unseen, models, plan, out,
     from .cleanup import apply_cleanup
     from .data.btcv import load_case, split_cases
     from .evaluate import dice_per_class, false_positive_ml
-    from .geometry import to_canonical
+    from .geometry import canonical_spacing, to_canonical
     from .io import read_affine
     from .refine import refine_labels
     from .segmenters import load_prediction_folder, load_segmenter, predict_ensemble
@@ -282,7 +308,8 @@ def _score_test_cases(data, cases, config, folders, unseen, models, plan, out,
             maps["cleanup"] = reo.backward(apply_cleanup(canon, plan))
         if "average" in config.methods:
             canon_ct, reo = to_canonical(ct.array.astype(np.float32), ct.affine)
-            maps["average"] = reo.backward(predict_ensemble(ensemble, canon_ct, device=config.demo.device))
+            maps["average"] = reo.backward(predict_ensemble(ensemble, canon_ct, device=config.demo.device,
+                                                            spacing=canonical_spacing(ct.affine, ct.array.shape)))
         for method, model in models.items():
             if method in config.methods or method == "refnet_label":
                 maps[method] = refine_labels(raw, ct.affine, model, ct=ct.array if model.uses_ct else None)
