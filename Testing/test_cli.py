@@ -206,6 +206,22 @@ def test_train_segmenters_hold_out_passes_the_last_training_ids(tmp_path, monkey
     assert calls == [[7, 9], []]
 
 
+def test_train_segmenters_spacing_and_architectures_reach_the_models(tmp_path, monkeypatch, capsys):
+    import refnet.pipeline
+
+    seen = []
+    monkeypatch.setattr(refnet.pipeline, "train_segmenters", lambda d, o, configs, **kw: seen.append(configs) or [])
+    args = ["train-segmenters", "-q", "--data", str(tmp_path), "--out", str(tmp_path / "o")]
+    assert main([*args, "--architectures", "unet", "dynunet", "--spacing", "1.5", "1.5", "3"]) == 0
+    assert [(c.architecture, c.seed, c.spacing_mm) for c in seen[0]] == [("unet", 0, (1.5, 1.5, 3.0)),
+                                                                         ("dynunet", 1, (1.5, 1.5, 3.0))]
+    assert main([*args, "--steps", "7"]) == 0
+    assert [(c.steps, c.spacing_mm, c.name) for c in seen[1]] == [(7, None, "unet-s0-7"), (7, None, "segresnet-s1-7")]
+    with pytest.raises(SystemExit):
+        main([*args, "--spacing", "1.5", "0", "3"])
+    assert "must be > 0, got 0" in capsys.readouterr().err
+
+
 def test_phantoms_defaults_match_the_demo():
     from refnet.cli import _parser
     from refnet.pipeline import DemoConfig

@@ -20,6 +20,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
 def _scheme(text: str) -> str:
     from .labels import scheme_mapping
 
@@ -46,10 +53,11 @@ def _cmd_train_segmenters(args: argparse.Namespace) -> int:
     from .segmenters import SegmenterConfig
 
     configs = [SegmenterConfig.demo(a, seed=i) for i, a in enumerate(args.architectures)]
-    if args.steps:
+    if args.steps or args.spacing:
         from dataclasses import replace
 
-        configs = [replace(c, steps=args.steps, name=None) for c in configs]
+        configs = [replace(c, steps=args.steps or c.steps, spacing_mm=args.spacing and tuple(args.spacing),
+                           name=None) for c in configs]
     holdout = []
     if args.hold_out:
         from .data.btcv import find_cases, split_cases
@@ -281,8 +289,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True, help="BTCV-layout dataset folder")
     s.add_argument("--out", required=True, help="folder for segmenters/ and predictions/")
     s.add_argument("--architectures", nargs="+", default=["unet", "segresnet"],
-                   choices=("unet", "segresnet", "swinunetr"), help="one model per entry (default: unet segresnet)")
+                   choices=("unet", "dynunet", "segresnet", "swinunetr"),
+                   help="one model per entry (default: unet segresnet)")
     s.add_argument("--steps", type=_positive_int, help="training steps per model (default: demo preset)")
+    s.add_argument("--spacing", type=_positive_float, nargs=3, metavar="MM",
+                   help="train and predict on this grid, mm along R, A, S (nnU-Net's target spacing, e.g. 1.5 1.5 "
+                        "3): each CT is resampled to it and the predictions come back on its own voxels "
+                        "(default: each case's own voxels)")
     s.add_argument("--hold-out", type=int, default=0, metavar="N",
                    help="leave the last N training cases out of base-model training (still predicted); pass "
                         "the same N to `refnet train --val-cases` so its per-class check sees unseen cases")
