@@ -27,10 +27,11 @@ import numpy as np
 from refnet.data.btcv import BTCV_TEST_IDS, BTCV_TRAIN_IDS, find_cases, load_case, split_cases
 from refnet.data.phantoms import write_phantom_dataset
 from refnet.evaluate import dice_per_class
-from refnet.geometry import canonical_spacing, to_canonical
+from refnet.geometry import canonical_affine, to_canonical
 from refnet.io import write_json
 from refnet.quality import QualityConfig
 from refnet.segmenters import SegmenterConfig, predict_segmenter, train_segmenter
+from refnet.spacing import voxel_spacing
 from refnet.train import validation_cases
 
 
@@ -62,7 +63,7 @@ def main() -> int:
             ct, labels = load_case(case)
             (test if case.case_id in BTCV_TEST_IDS else fit).append(
                 (to_canonical(ct.array.astype(np.float32), ct.affine)[0], to_canonical(labels, ct.affine)[0],
-                 canonical_spacing(ct.affine, ct.array.shape)))
+                 voxel_spacing(canonical_affine(ct.affine, ct.array.shape))))
     rows = []
     for text in args.presets:
         config = parse_preset(text, args.seed)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from nibabel import orientations
 
-__all__ = ["Reorientation", "axial_axis", "canonical_affine", "canonical_spacing", "check_affine", "to_canonical"]
+__all__ = ["Reorientation", "axial_axis", "canonical_affine", "check_affine", "to_canonical"]
 
 
 def check_affine(affine: np.ndarray) -> np.ndarray:
@@ -81,9 +81,3 @@ def canonical_affine(affine: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Affine of the array :func:`to_canonical` returns for an array of ``shape`` with ``affine``."""
     ornt = orientations.io_orientation(check_affine(affine))
     return check_affine(affine) @ orientations.inv_ornt_aff(ornt, shape[:3])
-
-
-def canonical_spacing(affine: np.ndarray, shape: tuple[int, ...]) -> tuple[float, float, float]:
-    """Voxel size in mm along the axes of the array :func:`to_canonical` returns (R, A, S order)."""
-    canon = canonical_affine(affine, shape)
-    return tuple(float(v) for v in np.linalg.norm(canon[:3, :3], axis=0))

@@ -20,7 +20,7 @@ import numpy as np
 
 from .checkpoint import LoadedModel
 from .evaluate import dice_per_class, false_positive_ml, format_table, save_montage, summarise, write_metrics
-from .geometry import canonical_spacing, to_canonical
+from .geometry import canonical_affine, to_canonical
 from .io import read_affine, write_json
 from .labels import CLASS_NAMES
 from .model import RefNetConfig
@@ -148,7 +148,7 @@ def train_segmenters(
             for case_id in predict_ids:
                 ct, _labels = load_case(cases[case_id])
                 canon_ct, reo = to_canonical(ct.array.astype(np.float32), ct.affine)
-                spacing = canonical_spacing(ct.affine, ct.array.shape)
+                spacing = voxel_spacing(canonical_affine(ct.affine, ct.array.shape))
                 pred = predict_segmenter(net, canon_ct, run_config, spacing=spacing, device=device)
                 predictions[case_id] = (reo.backward(pred), ct.affine)
         if ctx.main:
@@ -177,7 +177,7 @@ def _check_record(folder: Path, record: dict[str, Any]) -> None:
 def _canonical_case(case: tuple[Any, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, ...]]:
     ct, labels = case
     return (to_canonical(ct.array.astype(np.float32), ct.affine)[0], to_canonical(labels, ct.affine)[0], ct.affine,
-            canonical_spacing(ct.affine, ct.array.shape))
+            voxel_spacing(canonical_affine(ct.affine, ct.array.shape)))
 
 
 def evaluate_refinement(

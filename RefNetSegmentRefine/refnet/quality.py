@@ -281,7 +281,7 @@ def _score_test_cases(data, cases, config, folders, unseen, models, plan, out,
     from .cleanup import apply_cleanup
     from .data.btcv import load_case, split_cases
     from .evaluate import dice_per_class, false_positive_ml
-    from .geometry import canonical_spacing, to_canonical
+    from .geometry import canonical_affine, to_canonical
     from .io import read_affine
     from .refine import refine_labels
     from .segmenters import load_prediction_folder, load_segmenter, predict_ensemble
@@ -308,8 +308,9 @@ def _score_test_cases(data, cases, config, folders, unseen, models, plan, out,
             maps["cleanup"] = reo.backward(apply_cleanup(canon, plan))
         if "average" in config.methods:
             canon_ct, reo = to_canonical(ct.array.astype(np.float32), ct.affine)
-            maps["average"] = reo.backward(predict_ensemble(ensemble, canon_ct, device=config.demo.device,
-                                                            spacing=canonical_spacing(ct.affine, ct.array.shape)))
+            grid = voxel_spacing(canonical_affine(ct.affine, ct.array.shape))
+            maps["average"] = reo.backward(predict_ensemble(ensemble, canon_ct, spacing=grid,
+                                                            device=config.demo.device))
         for method, model in models.items():
             if method in config.methods or method == "refnet_label":
                 maps[method] = refine_labels(raw, ct.affine, model, ct=ct.array if model.uses_ct else None)

@@ -11,6 +11,7 @@ RefNet classes 0..12 (:data:`refnet.labels.NUM_CLASSES`).
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import re
@@ -168,8 +169,6 @@ class SegmenterConfig:
             ValueError: an unknown architecture or field, a value that is not a Python literal, or a
                 value out of range; the message names it.
         """
-        import ast
-
         arch, _, rest = text.strip().partition(":")
         known = {f.name for f in fields(cls)} - {"architecture"}
         changes: dict[str, Any] = {}
@@ -285,7 +284,7 @@ def _resize(volume: torch.Tensor, shape: tuple[int, ...], mode: str) -> torch.Te
 def _check_spacing(spacing: Sequence[float] | None, config: SegmenterConfig, what: str) -> tuple[float, ...]:
     if spacing is None:
         raise ValueError(f"{config.name} runs at {config.spacing_mm} mm: pass {what} (the CT's voxel size in mm "
-                         "along its canonical axes, e.g. voxel_spacing(canonical_affine(affine, shape))).")
+                         "along its canonical axes: refnet.spacing.voxel_spacing(canonical_affine(affine, shape))).")
     values = tuple(float(v) for v in np.ravel(spacing))
     if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
         raise ValueError(f"{what} must be 3 positive mm values, got {spacing}.")
