@@ -129,6 +129,7 @@ def test_parse_args_rejects_bad_input(tmp_path, capsys, extra, message):
      GuardConfig(absent_classes=False, confidence=False, band=False)),
     (["--disable-guard", "all"], GuardConfig.off()),
     (["--band-mm", "2.5", "--threshold", "0"], GuardConfig(band_mm=2.5, threshold=0.0)),
+    (["--edge-mm", "0", "--disable-guard", "volume_change"], GuardConfig(edge_mm=0.0, volume_change=False)),
     (["--keep-pieces"], GuardConfig(drop_pieces=False)),
 ])
 def test_guard_options_build_the_guard_config(tmp_path, extra, expected):
@@ -141,7 +142,7 @@ def test_guard_settings_resolve_the_model_values(model_file):
     model = load_model(model_file)
     assert batch.guard_settings(GuardConfig(band=False, threshold=0.8), model) == {
         **dict.fromkeys(GUARD_NAMES, True), "band": False, "band_mm": GUARD_DEFAULTS["band_mm"], "threshold": 0.8,
-        **TEST_MODEL_GUARDS, "drop_pieces": True}
+        "edge_mm": GUARD_DEFAULTS["edge_mm"], **TEST_MODEL_GUARDS, "drop_pieces": True}
     assert batch.guard_settings(GuardConfig())["band_mm"] is None  # no model: left to the model file
 
 
@@ -288,6 +289,7 @@ def test_main_passes_disabled_guards_to_every_case(tmp_path, model_file):
     (entry,) = _summary(tmp_path / "out")["cases"]
     assert entry["guards"] == {**dict.fromkeys(GUARD_NAMES, True), "band": False, "new_components": False,
                                "band_mm": GUARD_DEFAULTS["band_mm"], "threshold": 0.55,
+                               "edge_mm": GUARD_DEFAULTS["edge_mm"],
                                **TEST_MODEL_GUARDS, "drop_pieces": True}
     assert entry["report"]["held_back"]["band"] == 0
     from refnet.refine import RefineConfig

@@ -254,3 +254,58 @@ def test_max_volume_change_option(tmp_path):
         _parser().parse_args(["refine", "--labels", "a.nii.gz", "--out", "b.nii.gz", "--max-volume-change", "0"])
     with pytest.raises(ValueError, match="max_volume_change must be > 0"):
         GuardConfig(max_volume_change=-1.0)
+
+
+def test_edge_guard_unit_freezes_only_edges_that_cut_an_organ():
+    from refnet.guards import limit_at_cut_edges
+
+    raw = np.zeros((12, 10, 8), np.uint8)
+    raw[0:5, 3:7, 2:6] = 6  # the liver lies on the low-x face: the image edge cuts it
+    raw[8:11, 3:7, 2:6] = 1  # the spleen is inside: no other face holds an organ
+    refined = raw.copy()
+    refined[0:5, 3:7, 2:6] = 0  # the liver erased, from the face inwards
+    refined[8:11, 3:7, 2] = 0  # a spleen slice erased, away from every cut edge
+    every = (True,) * 6
+    out, held = limit_at_cut_edges(raw, refined, (2.0, 1.0, 1.0), 5.0, every)
+    # x spacing 2 mm, 5 mm deep: the layers at 0, 2 and 4 mm go back, the ones at 6 and 8 mm stay changed
+    np.testing.assert_array_equal(out[0:3], raw[0:3])
+    assert not out[3:5].any() and held == 3 * 4 * 4
+    np.testing.assert_array_equal(out[8:11], refined[8:11])
+    assert (refined[0:5, 3:7, 2:6] == 0).all()  # input untouched
+    # the same face, not an edge of the image (a box inside it): nothing held back
+    np.testing.assert_array_equal(limit_at_cut_edges(raw, refined, (2.0, 1.0, 1.0), 5.0, (False,) * 6)[0], refined)
+    np.testing.assert_array_equal(limit_at_cut_edges(raw, refined, (2.0, 1.0, 1.0), 0.0, every)[0], refined)
+
+
+def test_edge_guard_in_refinement_keeps_an_organ_the_edge_cuts(tmp_path):
+    model = _biased_model(tmp_path, cls=0)  # erodes every organ
+    lab = _anatomy()
+    cut = np.ascontiguousarray(lab[20:])  # a region of interest through the liver: it starts at the edge
+    spacing = (0.8, 0.8, 2.5)
+    affine = np.diag([*spacing, 1.0])
+    free = refine_volume(cut, affine, model, config=RefineConfig(guards=GuardConfig(edge=False)))
+    assert (free.labels[0] != cut[0]).any()  # without the guard the net rounds the cut off
+    guarded = refine_volume(cut, affine, model, config=RefineConfig(guards=GuardConfig(edge_mm=4.0)))
+    np.testing.assert_array_equal(guarded.labels[:5], cut[:5])  # 0, 0.8, ... 3.2 mm from the edge
+    assert guarded.report.held_back["edge"] > 0
+    assert (guarded.labels[5:] != cut[5:]).any()  # deeper in, the guard holds nothing back
+    whole = refine_volume(lab, affine, model)  # no organ on any face: the guard holds nothing back
+    assert whole.report.held_back["edge"] == 0
+
+
+def test_edge_mm_option(tmp_path):
+    from refnet.batch import guard_config, guard_settings
+    from refnet.cli import _parser
+
+    args = _parser().parse_args(["refine", "--labels", "a.nii.gz", "--out", "b.nii.gz", "--edge-mm", "3"])
+    assert guard_config(args).edge_mm == 3.0
+    off = _parser().parse_args(["refine", "--labels", "a.nii.gz", "--out", "b.nii.gz", "--edge-mm", "3",
+                                "--disable-guard", "edge"])
+    with pytest.raises(ValueError, match="--edge-mm sets the edge guard"):
+        guard_config(off)
+    with pytest.raises(ValueError, match="edge_mm must be >= 0"):
+        GuardConfig(edge_mm=-1.0)
+    model = load_model(make_model_file(tmp_path / "t.pt", metadata=SPACING_META))
+    from refnet.checkpoint import GUARD_DEFAULTS
+
+    assert guard_settings(GuardConfig(), model)["edge_mm"] == GUARD_DEFAULTS["edge_mm"]  # files without one

@@ -237,8 +237,8 @@ def test_format_guards_lists_every_guard_and_the_warnings():
                           warnings=["slice spacing 9.00 mm is outside the 1-5 mm the model was trained on."])
     lines = format_guards(report, GuardConfig(band=False))
     assert lines == [
-        "Guards held back (voxels): absent classes 0, class check 7, confidence 12, band off, new components 3, "
-        "volume change 0.",
+        "Guards held back (voxels): absent classes 0, class check 7, confidence 12, band off, edge 0, "
+        "new components 3, volume change 0.",
         "Warning: slice spacing 9.00 mm is outside the 1-5 mm the model was trained on.",
     ]
     assert format_guards(RefineReport(), GuardConfig.off())[0].count(" off") == len(GUARD_NAMES)
@@ -248,7 +248,7 @@ def test_format_report_includes_the_guards_when_given_a_report():
     report = RefineReport(held_back={"absent_classes": 4, "class_check": 0, "confidence": 0, "band": 9,
                                      "new_components": 0}, warnings=["check the result closely"])
     text = format_report({6: ClassChange(1, 2)}, seconds=1.0, device="cpu", report=report)
-    assert ("Guards held back (voxels): absent classes 4, class check 0, confidence 0, band 9, new components 0, "
-            "volume change 0.") in text
+    assert ("Guards held back (voxels): absent classes 4, class check 0, confidence 0, band 9, edge 0, "
+            "new components 0, volume change 0.") in text
     assert text.endswith("Warning: check the result closely.")
     assert "Guards" not in format_report({6: ClassChange(1, 2)}, seconds=1.0, device="cpu")

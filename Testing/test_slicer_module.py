@@ -200,7 +200,7 @@ def test_guards_off_gives_the_unguarded_core_refinement(M, slicer, model_file):
     np.testing.assert_array_equal(free.changes, raw != expected)
     assert free.changes.sum() > guarded.changes.sum()
     assert free.refineReport.held_back == dict.fromkeys(GUARD_NAMES, 0)
-    assert ("Guards held back (voxels): absent classes off, class check off, confidence off, band off, "
+    assert ("Guards held back (voxels): absent classes off, class check off, confidence off, band off, edge off, "
             "new components off, volume change off.") in free.report
 
 

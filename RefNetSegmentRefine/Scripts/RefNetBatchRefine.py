@@ -4,7 +4,7 @@ Usage::
 
     Slicer --no-main-window --python-script RefNetBatchRefine.py -- --input DIR --output DIR
         [--model FILE] [--ct DIR] [--device auto|cpu|cuda] [--label-scheme refnet|btcv|totalsegmentator|flare22|word]
-        [--disable-guard NAME ...] [--band-mm MM] [--threshold P]
+        [--disable-guard NAME ...] [--band-mm MM] [--edge-mm MM] [--threshold P] [--max-volume-change F]
 
 Each label map (and, for models that take the CT, its CT) is read with Slicer's readers, refined with
 ``RefNetSegmentRefineLogic.refineArraysWithReport`` (the same array path as plain Python's

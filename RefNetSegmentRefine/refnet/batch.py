@@ -469,7 +469,8 @@ def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the guard options shared by ``refnet refine`` and the batch command lines.
 
     ``--disable-guard NAME [NAME ...]`` (repeatable; names from :data:`refnet.guards.GUARD_NAMES` or
-    ``all``), ``--band-mm MM`` and ``--threshold P``; read them back with :func:`guard_config`.
+    ``all``), ``--band-mm MM``, ``--edge-mm MM``, ``--threshold P`` and ``--max-volume-change F``; read them
+    back with :func:`guard_config`.
     """
     group = parser.add_argument_group("guards", "Every guard is on by default and reported in the output.")
     group.add_argument("--disable-guard", nargs="+", action="extend", default=[], metavar="NAME",
@@ -477,6 +478,9 @@ def add_guard_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"turn guards off: {', '.join(GUARD_NAMES)}, or {DISABLE_ALL} (the net's raw output)")
     group.add_argument("--band-mm", type=_non_negative_mm, default=None, metavar="MM",
                        help="band guard: change only voxels within MM of an input boundary (default: the model's)")
+    group.add_argument("--edge-mm", type=_non_negative_mm, default=None, metavar="MM",
+                       help="edge guard: change no voxel within MM of an image edge that cuts an organ "
+                            "(default: the model's)")
     group.add_argument("--threshold", type=_probability, default=None, metavar="P",
                        help="confidence guard: change a voxel only where the net's probability >= P "
                             "(default: the model's)")
@@ -498,24 +502,26 @@ def guard_config(args: argparse.Namespace) -> GuardConfig:
     if DISABLE_ALL in off:
         off = set(GUARD_NAMES)
     for option, guard, value in (("--band-mm", "band", args.band_mm), ("--threshold", "confidence", args.threshold),
+                                 ("--edge-mm", "edge", getattr(args, "edge_mm", None)),
                                  ("--max-volume-change", "volume_change", getattr(args, "max_volume_change", None))):
         if value is not None and guard in off:
             raise ValueError(f"{option} sets the {guard} guard, which --disable-guard turns off; drop one of them.")
     return GuardConfig(**{name: name not in off for name in GUARD_NAMES}, band_mm=args.band_mm,
-                       threshold=args.threshold, max_volume_change=getattr(args, "max_volume_change", None),
+                       edge_mm=getattr(args, "edge_mm", None), threshold=args.threshold,
+                       max_volume_change=getattr(args, "max_volume_change", None),
                        drop_pieces=not getattr(args, "keep_pieces", False))
 
 
 def guard_settings(guards: GuardConfig, model: LoadedModel | None = None) -> dict[str, Any]:
-    """Guard settings as plain values for reports: on/off per guard, ``band_mm`` and ``threshold``.
+    """Guard settings as plain values for reports: on/off per guard and each guard's value.
 
     Args:
         guards: the configuration used.
-        model: resolves ``band_mm`` / ``threshold`` left at None to the model file's values.
+        model: resolves the values left at None to the model file's.
     """
     settings = dataclasses.asdict(guards)
     if model is not None:
-        for name in ("band_mm", "threshold", "max_volume_change"):
+        for name in ("band_mm", "threshold", "max_volume_change", "edge_mm"):
             settings[name] = model.guard_setting(name, guards)
     return settings
 

@@ -15,7 +15,7 @@ import numpy as np
 from .checkpoint import LoadedModel
 from .evaluate import dice_per_class
 from .guards import new_pieces
-from .labels import NUM_CLASSES, to_class_labels
+from .labels import CLASS_NAMES, NUM_CLASSES, to_class_labels
 from .refine import RefineConfig, refine_volume
 
 __all__ = ["new_components", "no_harm_scores"]
@@ -44,7 +44,8 @@ def no_harm_scores(labels: np.ndarray, affine: np.ndarray, model: LoadedModel, *
         ``{"mean_dice": mean Dice over the organs present, "min_dice": the lowest organ's,
         "changed_fraction": changed voxels / labelled voxels, "invented_classes": [...],
         "new_components": n, "held_back": {...}, "warnings": [...], "dropped_pieces": {...} (the
-        model file's decider), "pieces_dropped": n or None (``pieces``)}``.
+        model file's decider), "pieces_dropped": n or None (``pieces``), "worst_organ": {"name", "voxels"
+        (its voxels in the input), "dice"} or None}``.
     """
     classes, _ = to_class_labels(np.asarray(labels), scheme)
     result = refine_volume(classes, affine, model, config=config)
@@ -52,12 +53,17 @@ def no_harm_scores(labels: np.ndarray, affine: np.ndarray, model: LoadedModel, *
     if pieces is not None:
         refined, dropped = pieces.apply_to(refined, affine)
     dice = dice_per_class(refined, classes)[1:]
-    present = np.bincount(classes.ravel(), minlength=NUM_CLASSES)[1:] > 0
+    counts = np.bincount(classes.ravel(), minlength=NUM_CLASSES)[1:]
+    present = counts > 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         organs = dice[present]
     invented = sorted(int(c) for c in np.unique(refined) if c and not present[c - 1])
     labelled = max(1, int((classes > 0).sum()))
+    worst = None
+    if organs.size:  # which organ the min is, and how big it was: a sliver's Dice moves with one voxel
+        c = int(np.flatnonzero(present)[np.argmin(organs)])
+        worst = {"name": CLASS_NAMES[c + 1], "voxels": int(counts[c]), "dice": round(float(dice[c]), 5)}
     return {
         "mean_dice": round(float(np.mean(organs)), 5) if organs.size else None,
         "min_dice": round(float(np.min(organs)), 5) if organs.size else None,
@@ -68,4 +74,5 @@ def no_harm_scores(labels: np.ndarray, affine: np.ndarray, model: LoadedModel, *
         "warnings": result.report.warnings,
         "dropped_pieces": result.report.dropped_pieces,  # by the model file's own piece decider
         "pieces_dropped": dropped,  # by the ``pieces`` decider given here
+        "worst_organ": worst,
     }

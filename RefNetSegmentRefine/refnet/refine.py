@@ -34,6 +34,7 @@ from .guards import (
     class_counts,
     keep_classes,
     labelled_extent,
+    limit_at_cut_edges,
     limit_to_band,
     limit_to_confident,
     limit_volume_change,
@@ -309,6 +310,7 @@ class Proposal:
         confidence: (X, Y, Z) float32 probability of the candidate label.
         absent_held: voxels the absent-class guard kept from taking a class the input lacks.
         spacing: (3,) voxel size in mm of the canonical axes.
+        edges: 6 bools, (low, high) per axis: which faces of the box are the image's own edges.
     """
 
     box: tuple[slice, slice, slice]
@@ -317,6 +319,7 @@ class Proposal:
     confidence: np.ndarray
     absent_held: int
     spacing: tuple[float, float, float]
+    edges: tuple[bool, ...] = (False,) * 6
 
 
 def propose(canon: np.ndarray, spacing, model: LoadedModel, *, ct: np.ndarray | None = None,
@@ -366,7 +369,8 @@ def propose(canon: np.ndarray, spacing, model: LoadedModel, *, ct: np.ndarray | 
         absent_held += _to_box(probs, keep, centre, plan, raw[:, :, k], candidate[:, :, k], confidence[:, :, k])
         if progress is not None and progress(int(centres[-1] + 1 - box[2].start), total) is False:
             raise RefinementCancelled("refinement cancelled; the input was left unchanged.")
-    return Proposal(box, raw, candidate, confidence, absent_held, tuple(spacing))
+    edges = tuple(e for b, n in zip(box, canon.shape) for e in (b.start == 0, b.stop == n))
+    return Proposal(box, raw, candidate, confidence, absent_held, tuple(spacing), edges)
 
 
 def _aux_slab(ct: np.ndarray | None, components: np.ndarray | None, position: np.ndarray | None,
@@ -499,6 +503,9 @@ def apply_guards(proposal: Proposal, model: LoadedModel, guards: GuardConfig | N
         out, held["confidence"] = limit_to_confident(raw, out, proposal.confidence, model.class_thresholds(guards))
     if guards.band:
         out, held["band"] = limit_to_band(raw, out, proposal.spacing, model.guard_setting("band_mm", guards))
+    if guards.edge:
+        out, held["edge"] = limit_at_cut_edges(raw, out, proposal.spacing, model.guard_setting("edge_mm", guards),
+                                               proposal.edges)
     if guards.new_components:
         out, held["new_components"] = remove_new_components(raw, out)
     if guards.volume_change:
@@ -569,8 +576,7 @@ def refine_volume(
     if config.guards.drop_pieces and model.pieces is not None:
         # The box holds every labelled voxel with background around it: the pieces are the volume's own.
         # Its faces that are the image's own edges tell which pieces the edge cuts (those are kept).
-        edges = [e for b, n in zip(proposal.box, canon.shape) for e in (b.start == 0, b.stop == n)]
-        out, report.dropped_pieces = _drop_pieces(out, spacing, model.pieces, edges)
+        out, report.dropped_pieces = _drop_pieces(out, spacing, model.pieces, list(proposal.edges))
     diff = out != proposal.raw
     added = np.bincount(out[diff], minlength=len(CLASS_NAMES))
     removed = np.bincount(proposal.raw[diff], minlength=len(CLASS_NAMES))

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import LoadedModel, save_model
+from .checkpoint import EDGE_MM, LoadedModel, save_model
 from .components import component_map, decode_component_map
 from .device import resolve_device
 from .error_simulator import PLAUSIBLE_VARIATION, ErrorConfig, simulate_errors
@@ -70,6 +70,7 @@ class TrainConfig:
     plausible_pairs: int = 0  # per training case, (plausible variant -> itself) pairs: ground truth with its
     #                           boundaries moved within annotator variation stays as it is (do no harm)
     band_mm: float = 6.0  # the band guard's width stored in the model file
+    edge_mm: float = EDGE_MM  # the edge guard's depth stored in the model file (chosen on development crops)
     max_volume_change: float = 0.5  # the volume guard's bound stored in the model file (set a priori, not tuned)
     thresholds: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9)  # confidence thresholds tried on held-out cases
     max_harm: float = 0.002  # Dice a class may lose when held-out ground truth is refined (the no-harm bar 0.998)
@@ -486,7 +487,7 @@ def _metadata(config, pairs, train_pairs, val_pairs, provenance) -> dict[str, An
         "ct_window": list(config.ct_window) if config.model.ct_channels else None,
         "spacing": {"inplane_mm": config.spacing_mm, "slice_mm": [round(min(slices), 3), round(max(slices), 3)],
                     "context_mm": config.context_mm},
-        "guards": {"band_mm": config.band_mm, "threshold": min(config.thresholds),
+        "guards": {"band_mm": config.band_mm, "edge_mm": config.edge_mm, "threshold": min(config.thresholds),
                    "max_volume_change": config.max_volume_change},
         "training": {
             "config": json.loads(json.dumps(cfg)),
