@@ -212,9 +212,8 @@ def limit_at_cut_edges(raw: np.ndarray, refined: np.ndarray, spacing: Sequence[f
         depth = min(n, math.ceil(edge_mm / spacing[axis]))
         layer[axis] = slice(n - depth, n) if high else slice(0, depth)
         part = tuple(layer)
-        undo = raw[part] != out[part]
-        held += int(undo.sum())
-        out[part] = np.where(undo, raw[part], out[part])
+        out[part], n = _revert(raw[part], out[part], np.True_)  # every change in the layer goes back
+        held += n
     return out, held
 
 
