@@ -291,7 +291,21 @@ def test_model_spacing_resamples_the_ct_and_brings_the_logits_back():
     twin = train_segmenter([(small, small_labels)], coarse)
     for a, b in zip(net.state_dict().values(), twin.state_dict().values()):
         torch.testing.assert_close(a, b)
-    assert predict_segmenter(net, fine_ct, at_2mm, spacing=(1.0, 1.0, 2.0)).shape == fine_ct.shape
+    # The label map is taken a few slices at a time, and is the argmax of those very logits.
+    labels = predict_segmenter(net, fine_ct, at_2mm, spacing=(1.0, 1.0, 2.0))
+    np.testing.assert_array_equal(labels, logits.argmax(axis=0))
+
+
+@pytest.mark.parametrize("model_shape, shape", [((5, 4, 3), (17, 9, 20)), ((6, 6, 11), (12, 12, 4)),
+                                                ((4, 4, 1), (8, 8, 9)), ((4, 4, 7), (4, 4, 7))])
+def test_logits_come_back_to_the_ct_a_chunk_at_a_time_as_one_trilinear_resize(model_shape, shape):
+    from refnet.segmenters import _native_slices, _resize
+
+    logits = torch.randn(NUM_CLASSES, *model_shape, generator=torch.Generator().manual_seed(0))
+    chunks = list(_native_slices(logits, shape, chunk=3))
+    assert [k0 for k0, _ in chunks] == list(range(0, shape[2], 3))
+    whole = torch.cat([c for _, c in chunks], dim=-1)
+    torch.testing.assert_close(whole, _resize(logits, shape, "trilinear"), atol=1e-5, rtol=1e-5)
 
 
 def test_model_spacing_needs_the_ct_spacing():

@@ -415,13 +415,59 @@ def train_segmenter(
     return net.eval()
 
 
+def _model_logits(net: nn.Module, ct: np.ndarray, config: SegmenterConfig, spacing: Sequence[float] | None,
+                  device: str | torch.device) -> torch.Tensor:
+    """(C, ...) float32 sliding-window logits on the model's grid (the CT's own voxels without ``spacing_mm``)."""
+    ct = _check_ct(ct)
+    dev = resolve_device(device)
+    net = net.to(dev).eval()
+    x = torch.from_numpy(window_ct(ct, config.ct_window))[None, None].to(dev)  # (1, 1, I, J, K)
+    if config.spacing_mm is not None:
+        shape = _model_shape(ct.shape, _check_spacing(spacing, config, "spacing"), config.spacing_mm)
+        x = _resize(x[0], shape, "trilinear")[None]
+    with torch.inference_mode():
+        return sliding_window_inference(x, config.patch_size, config.sw_batch_size, net,
+                                        overlap=config.overlap, mode="gaussian")[0].float()
+
+
+def _native_slices(logits: torch.Tensor, shape: tuple[int, ...], chunk: int = 8):
+    """Yield ``(k0, (C, I, J, k) logits)`` on the CT's voxels, a few K-slices at a time.
+
+    Trilinear resizing is separable, so this is ``_resize(logits, shape, "trilinear")`` cut along K:
+    bilinear in-plane per model slice, then linear along K with ``F.interpolate``'s own source
+    coordinates (``align_corners=False``, clamped at the ends). Written out because torch has no
+    chunked resize, and the whole 13-class volume at CT resolution is gigabytes (512 x 512 x 300 voxels:
+    4 GB) where one chunk is tens of MB.
+    """
+    if tuple(logits.shape[1:]) == tuple(shape):
+        for k0 in range(0, shape[2], chunk):
+            yield k0, logits[..., k0 : k0 + chunk]
+        return
+    depth, planes = logits.shape[3], {}
+    src = np.clip((np.arange(shape[2]) + 0.5) * depth / shape[2] - 0.5, 0.0, depth - 1)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, depth - 1)
+    w = src - lo
+    for k0 in range(0, shape[2], chunk):
+        ks = range(k0, min(k0 + chunk, shape[2]))
+        for m in sorted({int(lo[k]) for k in ks} | {int(hi[k]) for k in ks} - set(planes)):
+            # model slice m, bilinear to the CT's in-plane grid; kept while later chunks still need it
+            planes[m] = F.interpolate(logits[None, :, :, :, m], size=tuple(shape[:2]), mode="bilinear",
+                                      align_corners=False)[0]
+        yield k0, torch.stack([planes[lo[k]] * float(1.0 - w[k]) + planes[hi[k]] * float(w[k]) for k in ks], dim=-1)
+        for m in [m for m in planes if m < lo[ks[-1]]]:
+            del planes[m]
+
+
 def predict_segmenter_logits(net: nn.Module, ct: np.ndarray, config: SegmenterConfig, *,
                              spacing: Sequence[float] | None = None,
                              device: str | torch.device = "cpu") -> np.ndarray:
     """Sliding-window logits of a base model (Gaussian-weighted windows of ``config.patch_size``).
 
     With ``config.spacing_mm`` the CT is resampled to the model's grid, predicted there, and the
-    logits are resampled back (trilinear) to the CT's voxels, as nnU-Net does.
+    logits are resampled back (trilinear) to the CT's voxels, as nnU-Net does. This holds every class
+    at CT resolution (13 x 4 bytes a voxel); :func:`predict_segmenter` and :func:`predict_ensemble`
+    do not.
 
     Args:
         net: a network from :func:`build_segmenter` / :func:`train_segmenter`; it is put in eval mode.
@@ -436,35 +482,30 @@ def predict_segmenter_logits(net: nn.Module, ct: np.ndarray, config: SegmenterCo
     Raises:
         ValueError: ``ct`` is not a 3D numeric array, or no ``spacing`` for a model with ``spacing_mm``.
     """
-    ct = _check_ct(ct)
-    dev = resolve_device(device)
-    net = net.to(dev).eval()
-    x = torch.from_numpy(window_ct(ct, config.ct_window))[None, None].to(dev)  # (1, 1, I, J, K)
-    if config.spacing_mm is not None:
-        shape = _model_shape(ct.shape, _check_spacing(spacing, config, "spacing"), config.spacing_mm)
-        x = _resize(x[0], shape, "trilinear")[None]
+    logits = _model_logits(net, ct, config, spacing, device)
     with torch.inference_mode():
-        logits = sliding_window_inference(x, config.patch_size, config.sw_batch_size, net,
-                                          overlap=config.overlap, mode="gaussian")  # (1, C, I, J, K)
-        logits = _resize(logits[0].float(), ct.shape, "trilinear")  # back to the CT's voxels
-    return logits.cpu().numpy()
+        return _resize(logits, np.shape(ct), "trilinear").cpu().numpy()
 
 
 def predict_segmenter(net: nn.Module, ct: np.ndarray, config: SegmenterConfig, *,
                       spacing: Sequence[float] | None = None,
                       device: str | torch.device = "cpu") -> np.ndarray:
-    """Label map of a base model: argmax of :func:`predict_segmenter_logits`.
+    """Label map of a base model: argmax of :func:`predict_segmenter_logits`, taken a few slices at a time
+    so that memory stays at the model grid's logits plus one chunk at CT resolution.
 
     Returns:
         (I, J, K) uint8 class indices 0..12, same shape as ``ct``.
     """
-    return predict_segmenter_logits(net, ct, config, spacing=spacing, device=device).argmax(axis=0).astype(np.uint8)
+    return predict_ensemble([(net, config)], ct, spacing=spacing, device=device, probabilities=False)
 
 
 def predict_ensemble(models: Sequence[tuple[nn.Module, SegmenterConfig]], ct: np.ndarray, *,
                      spacing: Sequence[float] | None = None,
-                     device: str | torch.device = "cpu") -> np.ndarray:
+                     device: str | torch.device = "cpu", probabilities: bool = True) -> np.ndarray:
     """Label map of several base models: argmax of their softmax probabilities averaged (nnU-Net's ensemble).
+
+    Each model's logits stay on its own grid; they are brought to the CT's voxels and combined a few
+    slices at a time. ``probabilities=False`` sums raw logits instead (one model: its plain argmax).
 
     Returns:
         (I, J, K) uint8 class indices 0..12, same shape as ``ct``.
@@ -474,12 +515,15 @@ def predict_ensemble(models: Sequence[tuple[nn.Module, SegmenterConfig]], ct: np
     """
     if not models:
         raise ValueError("predict_ensemble needs at least one (net, config) pair.")
-    total = None
-    for net, config in models:
-        logits = predict_segmenter_logits(net, ct, config, spacing=spacing, device=device)
-        probs = torch.from_numpy(logits).softmax(dim=0)
-        total = probs if total is None else total + probs
-    return total.argmax(dim=0).numpy().astype(np.uint8)
+    grids = [_model_logits(net, ct, config, spacing, device) for net, config in models]
+    shape = np.shape(ct)
+    out = np.empty(shape, dtype=np.uint8)
+    with torch.inference_mode():
+        for chunks in zip(*(_native_slices(g, shape) for g in grids)):
+            k0 = chunks[0][0]
+            total = sum(c.softmax(dim=0) if probabilities else c for _, c in chunks)
+            out[..., k0 : k0 + total.shape[-1]] = total.argmax(dim=0).to(torch.uint8).cpu().numpy()
+    return out
 
 
 def save_segmenter(path: str | os.PathLike, net: nn.Module, config: SegmenterConfig) -> Path:

@@ -1,0 +1,80 @@
+"""benchmarks/piece_census.py: its settings score what they say, and it names why a helpful piece stayed."""
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from refnet.evaluate import dice_per_class
+from refnet.pieces import PieceDecider
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "piece_census.py"
+LIVER, KIDNEY, SPLEEN = 6, 3, 1
+
+
+@pytest.fixture(scope="module")
+def census():
+    spec = importlib.util.spec_from_file_location("piece_census", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _truth() -> np.ndarray:
+    t = np.zeros((40, 40, 40), np.uint8)
+    t[4:20, 4:30, 4:30] = LIVER
+    t[26:36, 10:20, 10:20] = KIDNEY
+    return t
+
+
+class _ScoresNothing:
+    """A decider stand-in whose scorer drops nothing, with the shipped gates (what the census reads)."""
+
+    def __init__(self, typical_ml: list[float]) -> None:
+        real = PieceDecider(typical_ml=typical_ml, mean=[], scale=[], states=[])
+        self.gates, self.typical_ml, self.threshold = real.gates, typical_ml, 0.5
+
+    def scores(self, pieces, spacing):
+        return np.zeros(len(pieces.cls))
+
+    def decide(self, labels, spacing):
+        from refnet.pieces import find_pieces
+
+        pieces = find_pieces(labels, spacing)
+        return pieces, np.zeros(len(pieces.cls), bool)
+
+
+def test_case_census_scores_each_setting_and_names_why_helpful_pieces_stayed(census):
+    truth = _truth()
+    raw = truth.copy()
+    raw[30:33, 30:33, 30:33] = LIVER  # a detached liver speck: dropping it helps; the scorer keeps it
+    raw[37:40, 36:40, 2:5] = LIVER  # another, on the image's edge: the edge gate would keep it anyway
+    raw[22:26, 32:38, 30:36] = SPLEEN  # a spleen the truth lacks, of a plausible size: a main piece
+    typical = [0.0] * 13
+    typical[LIVER], typical[KIDNEY], typical[SPLEEN] = 10.0, 1.0, 0.2
+    scores, rows = census.case_census(raw, truth, (1.0, 1.0, 1.0), _ScoresNothing(typical))
+
+    def mean(m):
+        return float(np.nanmean(dice_per_class(m, truth)))
+
+    assert scores["raw"] == pytest.approx(mean(raw)) and scores["as fitted"] == scores["raw"]
+    no_gates = truth  # every error here is a whole piece: removing them all gives the truth back
+    assert scores["perfect scorer, no gates"] == pytest.approx(mean(no_gates)) == pytest.approx(1.0)
+    gated = raw.copy()
+    gated[30:33, 30:33, 30:33] = 0  # only the uncut speck may go: the cut one and the plausible spleen stay
+    assert scores["perfect scorer, gates on"] == pytest.approx(mean(gated))
+    absent = np.where(raw == SPLEEN, 0, raw)
+    assert scores["absent classes removed"] == pytest.approx(mean(absent))
+    by_size = sorted(rows, key=lambda r: r["ml"])
+    assert [(r["organ"], r["kept_because"]) for r in by_size] == [
+        ("Liver", "score below cut-off"), ("Liver", "edge gate"), ("Spleen", "main piece of a plausible class"),
+        ("Left kidney", ""), ("Liver", "")]
+    assert [r["class_absent"] for r in by_size] == [False, False, True, False, False]
+
+
+def test_the_script_refuses_a_folder_without_a_finished_run(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--runs", str(tmp_path)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode != 0 and "run benchmarks/quality.py first" in done.stderr
