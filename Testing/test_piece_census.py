@@ -78,3 +78,13 @@ def test_the_script_refuses_a_folder_without_a_finished_run(tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPT), "--runs", str(tmp_path)],
                           capture_output=True, text=True, check=False)
     assert done.returncode != 0 and "run benchmarks/quality.py first" in done.stderr
+
+
+def test_pieces_are_grouped_by_organ_and_fate_for_the_json(census):
+    rows = [{"organ": "Liver", "ml": 0.5, "cut": False, "helps": True, "dice_change": 0.01, "dropped": True,
+             "kept_because": "", "class_absent": False}] * 3
+    rows += [{**rows[0], "dropped": False, "kept_because": "edge gate", "cut": True}]
+    groups = census._grouped(7, rows)
+    assert [(g["pieces"], g["ml"], g["dice_change_sum"], g["kept_because"]) for g in groups] == [
+        (3, 1.5, 0.03, ""), (1, 0.5, 0.01, "edge gate")]
+    assert all(g["case"] == 7 for g in groups)

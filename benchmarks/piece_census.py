@@ -84,7 +84,8 @@ def case_census(raw: np.ndarray, truth: np.ndarray, spacing: Any, decider: Any
 
 
 def census(folder: Path) -> dict[str, Any]:
-    """Per-case mean Dice per setting and a row per raw piece of one seed folder's test maps."""
+    """Per-case mean Dice per setting, and the raw pieces of one seed folder's test maps grouped by case,
+    organ and fate (pieces, mL and summed Dice change per group)."""
     from refnet.data.btcv import find_cases, load_case, split_cases
     from refnet.geometry import canonical_affine, to_canonical
     from refnet.io import read_affine
@@ -107,10 +108,25 @@ def census(folder: Path) -> dict[str, Any]:
         case_scores, case_rows = case_census(raw, reo.forward(np.asarray(target)), spacing, decider)
         for name, value in case_scores.items():
             scores[name].append(value)
-        rows += [{"case": case.case_id, **r} for r in case_rows]
+        rows += _grouped(case.case_id, case_rows)
     return {"seed": run["seed"], "spacings_mm": spacings, "cases": [c.case_id for c in test],
             "threshold": decider.threshold, "cleanup_mean_dice": _run_mean(run, "cleanup"),
             "scores": scores, "pieces": rows}
+
+
+def _grouped(case_id: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``case_census`` rows summed per (organ, dropped, helps, why kept, cut, class absent): thousands of
+    specks per seed would otherwise fill the JSON."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        key = (r["organ"], r["dropped"], r["helps"], r["kept_because"], r["cut"], r["class_absent"])
+        g = groups.setdefault(key, {"case": case_id, **dict(zip(
+            ("organ", "dropped", "helps", "kept_because", "cut", "class_absent"), key)),
+            "pieces": 0, "ml": 0.0, "dice_change_sum": 0.0})
+        g["pieces"] += 1
+        g["ml"] = round(g["ml"] + r["ml"], 2)
+        g["dice_change_sum"] = round(g["dice_change_sum"] + r["dice_change"], 4)
+    return list(groups.values())
 
 
 def _class_volumes(pieces: Any, spacing: Any, decider: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -142,8 +158,8 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
     for r in result["pieces"]:
         if r["kept_because"]:
             k = kept.setdefault(r["kept_because"], {"pieces": 0, "dice_change_sum": 0.0, "ml": 0.0})
-            k["pieces"] += 1
-            k["dice_change_sum"] = round(k["dice_change_sum"] + r["dice_change"], 4)
+            k["pieces"] += r["pieces"]
+            k["dice_change_sum"] = round(k["dice_change_sum"] + r["dice_change_sum"], 4)
             k["ml"] = round(k["ml"] + r["ml"], 2)
     return {"settings": table, "helpful_pieces_kept": kept}
 
