@@ -40,6 +40,14 @@ def test_a_removed_absent_organ_is_a_fixed_event_and_no_gain_on_found_organs(sou
     assert got["trim"]["whole_organ_events_fixed"] == 0 and "raw" not in got
 
 
+def test_recorded_truth_volumes_count_absent_organs_apart_from_missed_ones(sources):
+    run = _run()
+    run["methods"]["raw"]["dice"][1][2] = 0.0  # case 1: raw misses organ 2, which the patient has
+    run["truth_ml"] = [[900.0, 10.0, 5.0, 0.0], [900.0, 10.0, 5.0, 0.0]]
+    got = sources.gain_sources(run)["methods"]["drop"]
+    assert (got["whole_organ_events"], got["absent_organs_drawn"], got["absent_organs_removed"]) == (2, 1, 1)
+
+
 def test_the_script_pools_run_files_and_names_a_bad_one(tmp_path):
     run = tmp_path / "run.json"
     run.write_text(json.dumps(_run()).replace("NaN", "null"))

@@ -21,6 +21,14 @@ def test_every_method_is_scored_on_the_same_test_cases(tmp_path):
     assert set(run["methods"]) == set(METHODS) and len(run["cases"]) == 2
     for scores in run["methods"].values():
         assert {len(scores[k]) for k in ("dice", "nsd", "hd95", "fp_ml")} == {2}
+    # The truth's volume per class, per test case: an organ the truth lacks has 0 mL and raw Dice 0 or NaN.
+    from refnet.data.btcv import find_cases, load_case, split_cases
+
+    truth_ml = np.array(run["truth_ml"])
+    _ct, target = load_case(split_cases(find_cases(tmp_path / "data"), "test")[0])
+    assert truth_ml.shape == (2, 13) and (truth_ml[0] > 0).tolist() == [(target == c).any() for c in range(13)]
+    raw = np.array(run["methods"]["raw"]["dice"], dtype=float)
+    assert np.all((raw[truth_ml == 0] == 0) | np.isnan(raw[truth_ml == 0]))
     # Out-of-fold training predictions; the seed reaches the base models.
     record = json.loads((tmp_path / "predictions" / run["raw_source"] / "predictions.json").read_text())
     assert record["folds"] == 2 and run["raw_source"] == "unet-s300-2"

@@ -4,7 +4,8 @@ Reads finished per-seed run files of ``benchmarks/quality.py`` (``OUT/seedN/run.
 ``benchmarks/quality_runs/...``; nothing is trained or predicted) and splits each method's gain of mean
 Dice over raw in two. A class-case counts as a **whole-organ event** when raw scores Dice 0 or NaN there:
 the truth lacks the organ and raw drew it (Dice 0 until every voxel of it is gone, then NaN and left out
-of the mean), the truth and raw both lack it, or, rarely, raw missed a present organ entirely. The
+of the mean), the truth and raw both lack it, or raw missed a present organ entirely (run files that
+record ``truth_ml``, the truth's volume per class, also count the first kind apart). The
 rest are the **organs the truth has and raw found**, where the refiner's and cleanup's boundary and
 island work shows. Prints per method the gain on all classes, on those organs alone, and the whole-organ
 events each method fixed, per seed and pooled, and writes JSON.
@@ -42,6 +43,8 @@ def gain_sources(run: dict[str, Any]) -> dict[str, Any]:
         whole = (base == 0) | np.isnan(base)
         whole[:, 0] = False  # background is always scored
         b_all, b_found = _mean(base), _mean(np.where(whole, np.nan, base))
+        truth_ml = run.get("truth_ml")  # run files from before it was recorded: the Dice-0 reading alone
+        absent = None if truth_ml is None else (np.array(truth_ml, dtype=float)[:, : base.shape[1]] == 0)
         out["methods"][method] = {
             "against": base_name,
             "gain_percent": round(100 * (_mean(dice) - b_all) / b_all, 3),
@@ -49,6 +52,9 @@ def gain_sources(run: dict[str, Any]) -> dict[str, Any]:
             "whole_organ_events": int((base[:, 1:] == 0).sum()),  # raw drew an absent organ (or missed one)
             "whole_organ_events_fixed": int(((base == 0) & (np.isnan(dice) | (dice > 0)))[:, 1:].sum()),
         }
+        if absent is not None:  # of those events, organs drawn in a patient who lacks them
+            out["methods"][method]["absent_organs_drawn"] = int((absent & (base == 0))[:, 1:].sum())
+            out["methods"][method]["absent_organs_removed"] = int((absent & (base == 0) & np.isnan(dice))[:, 1:].sum())
     return out
 
 

@@ -211,10 +211,25 @@ def run_quality(
     scores = _score_test_cases(data, cases, config, folders, unseen, models, plan, out, decider)
     timings["evaluate_s"] = time.perf_counter() - t0 - sum(timings.values())
     return {"seed": seed, "dataset": str(data), "cases": [c for c in sorted(cases) if c not in set(train_ids)],
-            "methods": scores, "cleanup": {CLASS_NAMES[c]: steps for c, steps in plan.items()},
+            "truth_ml": _truth_ml(cases), "methods": scores,
+            "cleanup": {CLASS_NAMES[c]: steps for c, steps in plan.items()},
             "raw_source": folders[0].name, "sources": [f.name for f in folders],
             "unseen_source": unseen.name if unseen else None,
             "timings": {k: round(v, 1) for k, v in timings.items()}}
+
+
+def _truth_ml(cases: dict) -> list[list[float]]:
+    """Per test case, the ground truth's volume (mL) of every class: which organs the patient has
+    (``benchmarks/gain_sources.py`` splits gains by it)."""
+    from .data.btcv import load_case, split_cases
+    from .spacing import voxel_spacing
+
+    out = []
+    for case in split_cases(cases, "test"):
+        ct, target = load_case(case)
+        ml = float(np.prod(voxel_spacing(ct.affine))) / 1000.0
+        out.append([round(float(v) * ml, 3) for v in np.bincount(np.ravel(target), minlength=NUM_CLASSES)])
+    return out
 
 
 def _needs_refnet_label(config: QualityConfig) -> bool:
