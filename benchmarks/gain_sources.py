@@ -34,6 +34,8 @@ def _mean(dice: np.ndarray) -> float:
 def gain_sources(run: dict[str, Any]) -> dict[str, Any]:
     """One seed's split of each method's gain (raw and its refinements; unseen_* against unseen_raw)."""
     out: dict[str, Any] = {"seed": run.get("seed"), "methods": {}}
+    truth_ml = run.get("truth_ml")  # run files from before it was recorded: the Dice-0 reading alone
+    absent = None if truth_ml is None else np.array(truth_ml, dtype=float) == 0
     for method, scores in run["methods"].items():
         base_name = "unseen_raw" if method.startswith("unseen_") else "raw"
         if base_name not in run["methods"] or method == base_name:
@@ -43,8 +45,6 @@ def gain_sources(run: dict[str, Any]) -> dict[str, Any]:
         whole = (base == 0) | np.isnan(base)
         whole[:, 0] = False  # background is always scored
         b_all, b_found = _mean(base), _mean(np.where(whole, np.nan, base))
-        truth_ml = run.get("truth_ml")  # run files from before it was recorded: the Dice-0 reading alone
-        absent = None if truth_ml is None else (np.array(truth_ml, dtype=float)[:, : base.shape[1]] == 0)
         out["methods"][method] = {
             "against": base_name,
             "gain_percent": round(100 * (_mean(dice) - b_all) / b_all, 3),

@@ -42,10 +42,10 @@ def _mean_dice(labels: np.ndarray, target: np.ndarray) -> float:
         return float(np.nanmean(dice_per_class(labels, target)))
 
 
-def _why_kept(pieces: Any, helps: np.ndarray, dropped: np.ndarray, scored: np.ndarray, decider: Any,
-              spacing: Any) -> list[str]:
-    """Per piece: '' (dropped, or no gain in dropping it) or why a helpful piece stayed."""
-    gated = decider.gates.allow(pieces, helps, *_class_volumes(pieces, spacing, decider))
+def _why_kept(pieces: Any, helps: np.ndarray, dropped: np.ndarray, scored: np.ndarray, gated: np.ndarray
+              ) -> list[str]:
+    """Per piece: '' (dropped, or no gain in dropping it) or why a helpful piece stayed (``gated``: the
+    helpful pieces the gates let go)."""
     out = []
     for n in range(len(pieces.cls)):
         if dropped[n] or not helps[n]:
@@ -74,7 +74,7 @@ def case_census(raw: np.ndarray, truth: np.ndarray, spacing: Any, decider: Any
               for name, drop in (("raw", np.zeros_like(helps)), ("as fitted", dropped),
                                  ("perfect scorer, gates on", perfect), ("perfect scorer, no gates", helps),
                                  ("absent classes removed", absent))}
-    why = _why_kept(pieces, helps, dropped, scored, decider, spacing)
+    why = _why_kept(pieces, helps, dropped, scored, perfect)
     ml = float(np.prod(spacing)) / 1000.0
     rows = [{"organ": CLASS_NAMES[int(pieces.cls[n])], "ml": round(float(pieces.voxels[n]) * ml, 2),
              "cut": bool(pieces.cut[n]), "helps": bool(helps[n]), "dice_change": round(float(weight[n]), 4),

@@ -208,28 +208,14 @@ def run_quality(
     timings["refnets_s"] = time.perf_counter() - t0 - sum(timings.values())
     plan = _cleanup_plan(pairs, folders[0].name) if "cleanup" in config.methods else {}
     decider = _fit_decider(pairs, out, seed, config.decider_epochs) if _needs_decider(config) else None
-    scores = _score_test_cases(data, cases, config, folders, unseen, models, plan, out, decider)
+    scores, truth_ml = _score_test_cases(data, cases, config, folders, unseen, models, plan, out, decider)
     timings["evaluate_s"] = time.perf_counter() - t0 - sum(timings.values())
     return {"seed": seed, "dataset": str(data), "cases": [c for c in sorted(cases) if c not in set(train_ids)],
-            "truth_ml": _truth_ml(cases), "methods": scores,
+            "truth_ml": truth_ml, "methods": scores,
             "cleanup": {CLASS_NAMES[c]: steps for c, steps in plan.items()},
             "raw_source": folders[0].name, "sources": [f.name for f in folders],
             "unseen_source": unseen.name if unseen else None,
             "timings": {k: round(v, 1) for k, v in timings.items()}}
-
-
-def _truth_ml(cases: dict) -> list[list[float]]:
-    """Per test case, the ground truth's volume (mL) of every class: which organs the patient has
-    (``benchmarks/gain_sources.py`` splits gains by it)."""
-    from .data.btcv import load_case, split_cases
-    from .spacing import voxel_spacing
-
-    out = []
-    for case in split_cases(cases, "test"):
-        ct, target = load_case(case)
-        ml = float(np.prod(voxel_spacing(ct.affine))) / 1000.0
-        out.append([round(float(v) * ml, 3) for v in np.bincount(np.ravel(target), minlength=NUM_CLASSES)])
-    return out
 
 
 def _needs_refnet_label(config: QualityConfig) -> bool:
@@ -286,13 +272,14 @@ def add_methods(out_dir: str | os.PathLike, run: dict[str, Any], config: Quality
         if _needs_refnet_label(config) else {}
     plan = _cleanup_plan(pairs, folders[0].name) if "cleanup" in config.methods else {}
     decider = _fit_decider(pairs, out, run["seed"], config.decider_epochs) if _needs_decider(config) else None
-    scores = _score_test_cases(data, find_cases(data), config, folders, unseen, models, plan, out, decider)
-    return {**run, "methods": {**run["methods"], **scores}}
+    scores, truth_ml = _score_test_cases(data, find_cases(data), config, folders, unseen, models, plan, out, decider)
+    return {**run, "truth_ml": truth_ml, "methods": {**run["methods"], **scores}}
 
 
 def _score_test_cases(data, cases, config, folders, unseen, models, plan, out,
-                      decider=None) -> dict[str, dict[str, list]]:
-    """Per method, per test case: Dice, NSD, HD95 and false-positive mL vectors."""
+                      decider=None) -> tuple[dict[str, dict[str, list]], list[list[float]]]:
+    """Per method, per test case: Dice, NSD, HD95 and false-positive mL vectors; and per test case the
+    truth's volume (mL) of every class, which organs the patient has (``benchmarks/gain_sources.py``)."""
     from .cleanup import apply_cleanup
     from .data.btcv import load_case, split_cases
     from .evaluate import dice_per_class, false_positive_ml
@@ -314,6 +301,7 @@ def _score_test_cases(data, cases, config, folders, unseen, models, plan, out,
                 if "average" in config.methods else [])
     scores: dict[str, dict[str, list]] = {m: {"dice": [], "nsd": [], "hd95": [], "fp_ml": []}
                                           for m in config.methods}
+    truth_ml = []
     for case in test:
         ct, target = load_case(case)
         raw = raw_preds[case.case_id]
@@ -343,13 +331,14 @@ def _score_test_cases(data, cases, config, folders, unseen, models, plan, out,
                 maps[method] = decider.apply_to(maps[source], ct.affine)[0]
         spacing = voxel_spacing(ct.affine)
         ml = float(np.prod(spacing)) / 1000.0
+        truth_ml.append([round(float(v) * ml, 3) for v in np.bincount(np.ravel(target), minlength=NUM_CLASSES)])
         for method in config.methods:
             nsd, hd = surface_scores(maps[method], target, spacing)
             for key, value in (("dice", dice_per_class(maps[method], target)), ("nsd", nsd), ("hd95", hd),
                                ("fp_ml", false_positive_ml(maps[method], target, voxel_volume_ml=ml))):
                 scores[method][key].append([None if not np.isfinite(v) else float(v) for v in value])
         logger.info("scored case %d", case.case_id)
-    return scores
+    return scores, truth_ml
 
 
 def _array(rows: list[list[float | None]]) -> np.ndarray:

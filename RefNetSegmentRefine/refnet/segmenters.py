@@ -450,7 +450,7 @@ def _native_slices(logits: torch.Tensor, shape: tuple[int, ...], chunk: int = 8)
     w = src - lo
     for k0 in range(0, shape[2], chunk):
         ks = range(k0, min(k0 + chunk, shape[2]))
-        for m in sorted({int(lo[k]) for k in ks} | {int(hi[k]) for k in ks} - set(planes)):
+        for m in sorted(({int(lo[k]) for k in ks} | {int(hi[k]) for k in ks}) - set(planes)):
             # model slice m, bilinear to the CT's in-plane grid; kept while later chunks still need it
             planes[m] = F.interpolate(logits[None, :, :, :, m], size=tuple(shape[:2]), mode="bilinear",
                                       align_corners=False)[0]
