@@ -152,6 +152,63 @@ def test_decider_learns_to_drop_errors_and_keep_correct_pieces(tmp_path):
     np.testing.assert_allclose(again.scores(pieces, (1.0, 1.0, 1.0)), decider.scores(pieces, (1.0, 1.0, 1.0)))
 
 
+def _scattered_gallbladder() -> np.ndarray:
+    """The truth (no gallbladder) with an absent gallbladder drawn as three separate pieces."""
+    raw = _truth()
+    raw[30:34, 32:36, 30:34] = GALLBLADDER  # 64 voxels
+    raw[36:38, 36:38, 34:36] = GALLBLADDER  # 8
+    raw[22:23, 36:37, 36:37] = GALLBLADDER  # 1
+    return raw
+
+
+def test_a_small_class_is_also_scored_as_a_whole():
+    raw = _scattered_gallbladder()
+    pieces = find_pieces(raw, (1.0, 1.0, 1.0))
+    gb = pieces.cls == GALLBLADDER
+    class_ml = np.bincount(pieces.cls, weights=pieces.voxels, minlength=13)[pieces.cls] / 1000.0
+    typical = np.where(gb, 1.0, class_ml)  # 73 uL of a typical 1 mL: under the floor; the rest typical
+    prob = np.where(gb, np.where(pieces.voxels == 64, 0.88, 0.99), 0.1)  # its largest piece under the cut-off
+    decider = _decider()
+    decider = PieceDecider(decider.typical_ml, decider.mean, decider.scale, decider.states, 0.9, PieceGates())
+    # Piece by piece (class cut-off 1.0, the old deciders): the largest piece stays, so the class does.
+    piecewise = decider.proposal(pieces, prob, class_ml, typical)
+    assert piecewise[gb].sum() == 2 and not PieceGates().allow(pieces, piecewise, class_ml, typical)[gb].all()
+    # As a whole: mean score (64 * .88 + 9 * .99) / 73 = .894 passes 0.85, so every piece goes, gates allowing.
+    whole = decider.proposal(pieces, prob, class_ml, typical, class_threshold=0.85)
+    assert whole[gb].all() and not whole[~gb].any()
+    assert PieceGates().allow(pieces, whole, class_ml, typical)[gb].all()
+    assert not decider.proposal(pieces, prob, class_ml, typical, class_threshold=0.9)[gb].all()
+    # A class at its typical volume never goes whole this way, and neither does one the image edge cuts.
+    assert not decider.proposal(pieces, prob, class_ml, class_ml, class_threshold=0.5)[gb].all()
+    edge = raw.copy()
+    edge[39, 39, 39] = GALLBLADDER
+    cut = find_pieces(edge, (1.0, 1.0, 1.0))
+    cut_gb = cut.cls == GALLBLADDER
+    cut_ml = np.bincount(cut.cls, weights=cut.voxels, minlength=13)[cut.cls] / 1000.0
+    cut_prob = np.where(cut_gb, 0.95, 0.1)
+    assert cut.cut[cut_gb].sum() == 1
+    assert not decider.proposal(cut, np.where(cut_gb & cut.cut, 0.4, cut_prob), cut_ml,
+                                np.where(cut_gb, 1.0, cut_ml), class_threshold=0.5)[cut_gb & cut.cut].any()
+
+
+def test_the_class_cut_off_is_chosen_by_cross_validation_and_saved(tmp_path):
+    decider = _decider()
+    cv = decider.provenance["cross_validation"]
+    assert decider.class_threshold == cv["class_threshold"]
+    gains = cv["class_gain_sum"]
+    # On only when it helps the held-out maps; then the best (the highest of ties).
+    if decider.class_threshold < 1.0:
+        assert gains[str(decider.class_threshold)] == max(gains.values()) > 0
+    else:
+        assert all(v <= 0 for v in gains.values())
+    decider.class_threshold = 0.7
+    assert PieceDecider.load(decider.save(tmp_path / "pieces.pt")).class_threshold == 0.7
+    # A decider saved before the class rule existed reads back with it off.
+    payload = decider.to_payload()
+    del payload["class_threshold"]
+    assert PieceDecider.from_payload(payload).class_threshold == 1.0
+
+
 def test_decider_refuses_foreign_files_and_empty_training(tmp_path):
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a RefNet piece decider"):
@@ -271,5 +328,6 @@ def test_refnet_pieces_command_adds_a_decider_and_keeps_the_input_model(tmp_path
     out = tmp_path / "m_pieces.pt"
     assert main([*args, "--model", str(model), "--out", str(out)]) == 0
     assert load_model(out).pieces is not None and load_model(model).pieces is None
-    assert "cut-off" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "cut-off" in printed and "whole-class cut-off" in printed
     assert main([*args, "--model", str(model), "--out", str(out)]) == 2  # exists: not replaced without --overwrite

@@ -4,7 +4,8 @@ The decider removes whole connected pieces (``refnet/pieces.py``). On a seed fol
 ``benchmarks/quality.py`` left (its phantoms, the raw base model's test predictions and the fitted
 ``pieces.pt``; nothing is trained here) this script scores, on the same raw test maps:
 
-- ``raw``; the decider ``as fitted``;
+- ``raw``; the decider ``as fitted``; ``piece by piece``: the same without its whole-class cut-off
+  (as deciders were before it, so the census shows what scoring small classes as a whole adds);
 - ``perfect scorer, gates on``: every piece whose removal alone raises its class's Dice is dropped
   (:func:`refnet.pieces.drop_helps`, the decider's own training target), then the no-harm gates apply:
   what a flawless scorer could reach with the shipped gates;
@@ -31,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-SETTINGS = ("raw", "as fitted", "perfect scorer, gates on", "perfect scorer, no gates", "absent classes removed")
+SETTINGS = ("raw", "as fitted", "piece by piece", "perfect scorer, gates on", "perfect scorer, no gates",
+            "absent classes removed")
 
 
 def _mean_dice(labels: np.ndarray, target: np.ndarray) -> float:
@@ -60,18 +62,22 @@ def _why_kept(pieces: Any, helps: np.ndarray, dropped: np.ndarray, scored: np.nd
 
 
 def case_census(raw: np.ndarray, truth: np.ndarray, spacing: Any, decider: Any
-                ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """One canonical raw map against its truth: mean Dice per setting and a row per raw piece."""
+                ) -> tuple[dict[str, float], list[dict[str, Any]], dict[str, dict[str, list[str]]]]:
+    """One canonical raw map against its truth: mean Dice per setting, a row per raw piece, and for the
+    decider as fitted and piece by piece the organs it removed whole, split into absent and present."""
     from refnet.labels import CLASS_NAMES
     from refnet.pieces import drop_helps, remove_pieces
 
     pieces, dropped = decider.decide(raw, spacing)
-    scored = decider.scores(pieces, spacing) > decider.threshold
+    volumes = _class_volumes(pieces, spacing, decider)
+    prob = decider.scores(pieces, spacing)
+    scored = decider.proposal(pieces, prob, *volumes)  # the cut-offs, before the gates
+    piecewise = decider.gates.allow(pieces, decider.proposal(pieces, prob, *volumes, class_threshold=1.0), *volumes)
     helps, weight = drop_helps(pieces, truth)
-    perfect = decider.gates.allow(pieces, helps, *_class_volumes(pieces, spacing, decider))
+    perfect = decider.gates.allow(pieces, helps, *volumes)
     absent = ~np.isin(pieces.cls, np.unique(truth))
     scores = {name: _mean_dice(remove_pieces(raw, pieces, drop), truth)
-              for name, drop in (("raw", np.zeros_like(helps)), ("as fitted", dropped),
+              for name, drop in (("raw", np.zeros_like(helps)), ("as fitted", dropped), ("piece by piece", piecewise),
                                  ("perfect scorer, gates on", perfect), ("perfect scorer, no gates", helps),
                                  ("absent classes removed", absent))}
     why = _why_kept(pieces, helps, dropped, scored, perfect)
@@ -80,7 +86,17 @@ def case_census(raw: np.ndarray, truth: np.ndarray, spacing: Any, decider: Any
              "cut": bool(pieces.cut[n]), "helps": bool(helps[n]), "dice_change": round(float(weight[n]), 4),
              "dropped": bool(dropped[n]), "kept_because": why[n], "class_absent": bool(absent[n])}
             for n in range(len(pieces.cls))]
-    return scores, rows
+    return scores, rows, {"as fitted": _whole(pieces, dropped, absent),
+                          "piece by piece": _whole(pieces, piecewise, absent)}
+
+
+def _whole(pieces: Any, drop: np.ndarray, absent: np.ndarray) -> dict[str, list[str]]:
+    """The organs ``drop`` removes whole: those the truth lacks (a gain) and those it has (a harm)."""
+    from refnet.labels import CLASS_NAMES
+
+    gone = [int(c) for c in np.unique(pieces.cls) if drop[pieces.cls == c].all()]
+    return {kind: [CLASS_NAMES[c] for c in gone if absent[pieces.cls == c][0] == want]
+            for kind, want in (("absent_removed", True), ("present_removed", False))}
 
 
 def census(folder: Path) -> dict[str, Any]:
@@ -99,19 +115,21 @@ def census(folder: Path) -> dict[str, Any]:
     raw_maps = load_prediction_folder(folder / "predictions" / run["raw_source"], [c.case_id for c in test],
                                       affines={c.case_id: read_affine(c.image) for c in test})
     scores: dict[str, list[float]] = {s: [] for s in SETTINGS}
-    rows, spacings = [], []
+    rows, spacings, whole = [], [], {}
     for case in test:
         ct, target = load_case(case)
         raw, reo = to_canonical(raw_maps[case.case_id], ct.affine)
         spacing = voxel_spacing(canonical_affine(ct.affine, raw_maps[case.case_id].shape))
         spacings.append([round(float(v), 2) for v in spacing])
-        case_scores, case_rows = case_census(raw, reo.forward(np.asarray(target)), spacing, decider)
+        case_scores, case_rows, whole[case.case_id] = case_census(raw, reo.forward(np.asarray(target)), spacing,
+                                                                  decider)
         for name, value in case_scores.items():
             scores[name].append(value)
         rows += _grouped(case.case_id, case_rows)
     return {"seed": run["seed"], "spacings_mm": spacings, "cases": [c.case_id for c in test],
-            "threshold": decider.threshold, "cleanup_mean_dice": _run_mean(run, "cleanup"),
-            "scores": scores, "pieces": rows}
+            "threshold": decider.threshold, "class_threshold": decider.class_threshold,
+            "cleanup_mean_dice": _run_mean(run, "cleanup"),
+            "scores": scores, "pieces": rows, "whole_classes": whole}
 
 
 def _grouped(case_id: int, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -161,7 +179,10 @@ def summarise(result: dict[str, Any]) -> dict[str, Any]:
             k["pieces"] += r["pieces"]
             k["dice_change_sum"] = round(k["dice_change_sum"] + r["dice_change_sum"], 4)
             k["ml"] = round(k["ml"] + r["ml"], 2)
-    return {"settings": table, "helpful_pieces_kept": kept}
+    events = {setting: {kind: sum(len(case[setting][kind]) for case in result["whole_classes"].values())
+                        for kind in ("absent_removed", "present_removed")}
+              for setting in ("as fitted", "piece by piece")}
+    return {"settings": table, "helpful_pieces_kept": kept, "organs_removed_whole": events}
 
 
 def main() -> None:
@@ -178,13 +199,17 @@ def main() -> None:
         result["summary"] = summarise(result)
         results.append(result)
         pixel = np.mean([s[0] for s in result["spacings_mm"]])
-        print(f"\n{folder} (seed {result['seed']}, mean pixel {pixel:.2f} mm, cut-off {result['threshold']})")
+        print(f"\n{folder} (seed {result['seed']}, mean pixel {pixel:.2f} mm, cut-off {result['threshold']}, "
+              f"class cut-off {result.get('class_threshold', 1.0)})")
         print(f"{'setting':<30}{'mean Dice':>11}{'gain':>9}")
         for name, row in result["summary"]["settings"].items():
             print(f"{name:<30}{row['mean_dice']:>11.4f}{row['gain_percent']:>+8.2f}%")
         print("helpful pieces the decider kept, by why (sum of each piece's own Dice change of its class):")
         for why, k in result["summary"]["helpful_pieces_kept"].items():
             print(f"  {why:<34}{k['pieces']:>4} pieces {k['ml']:>9.1f} mL   sum {k['dice_change_sum']:.3f}")
+        for setting, e in result["summary"]["organs_removed_whole"].items():
+            print(f"organs removed whole, {setting}: {e['absent_removed']} the patient lacks, "
+                  f"{e['present_removed']} the patient has")
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
 

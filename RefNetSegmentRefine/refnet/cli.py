@@ -125,7 +125,8 @@ def _cmd_pieces(args: argparse.Namespace) -> int:
     cv = decider.provenance["cross_validation"]
     print(f"piece decider fitted on {decider.provenance['maps']} maps ({decider.provenance['pieces']} pieces); "
           f"cut-off {decider.threshold} by cross-validation (held-out mean organ Dice gain per cut-off: "
-          f"{cv.get('mean_organ_dice_gain_sum')})")
+          f"{cv.get('mean_organ_dice_gain_sum')}); whole-class cut-off for classes under the floor "
+          f"{decider.class_threshold} (gain per cut-off: {cv.get('class_gain_sum')})")
     print(out)
     return 0
 

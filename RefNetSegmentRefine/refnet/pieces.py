@@ -19,6 +19,11 @@ passes a cut-off chosen by cross-validation on the training cases and the no-har
 (:class:`PieceGates`): a class's largest piece (both adrenal glands' two) only goes with the whole
 class, a whole class only when it is implausibly small, and a piece the image's edge cuts never goes.
 
+An organ the patient lacks goes only when every one of its pieces goes, and a drop decided piece by
+piece leaves it whenever one speck scores under the cut-off. So a class under the whole-class floor
+is also scored as a whole (the volume-weighted mean of its pieces' scores) and goes whole when that
+passes a second cut-off, chosen by the same cross-validation (off when it helps nowhere).
+
 Written by hand because no medical-imaging library learns connected-component decisions: MONAI and
 nnU-Net offer only the fixed largest-component rule.
 """
@@ -256,19 +261,28 @@ class PieceGates:
         drop = np.array(drop, dtype=bool, copy=True)
         if not len(drop):
             return drop
-        small_class = (typical > 0) & (class_ml < self.class_floor * typical)
+        small_class = self.may_go_whole(pieces, class_ml, typical)
         largest = pieces.features[:, FEATURE_NAMES.index("is_largest")] > 0.5
         main = largest.copy()
         for c, k in self.main_pieces:
             mine = np.nonzero(pieces.cls == c)[0]
             main[mine[np.argsort(-pieces.voxels[mine], kind="stable")[:k]]] = True
-        if self.keep_cut and len(pieces.cut) == len(drop):  # (Pieces built without the flags: none is cut)
+        if self._cut_known(pieces):
             main |= pieces.cut
-            small_class = small_class & ~np.isin(pieces.cls, pieces.cls[pieces.cut])
         drop &= ~main | small_class
         for c in np.unique(pieces.cls[largest & drop]):
             drop[pieces.cls == c] = True
         return drop
+
+    def may_go_whole(self, pieces: Pieces, class_ml: np.ndarray, typical: np.ndarray) -> np.ndarray:
+        """Per piece: may its class go whole (under the floor of its typical volume, and no piece cut)."""
+        small = (typical > 0) & (class_ml < self.class_floor * typical)
+        if self._cut_known(pieces):
+            small &= ~np.isin(pieces.cls, pieces.cls[pieces.cut])
+        return small
+
+    def _cut_known(self, pieces: Pieces) -> bool:
+        return self.keep_cut and len(pieces.cut) == len(pieces.cls)  # (Pieces built without the flags: none is cut)
 
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # drop-probability cut-offs the inner cross-validation chooses from
@@ -294,6 +308,9 @@ class PieceDecider:
         mean, scale: feature standardisation from the training pieces.
         states: the weights of each MLP of the ensemble (their probabilities are averaged).
         threshold: drop when the probability is above this (chosen by inner cross-validation in :meth:`fit`).
+        class_threshold: a class under the whole-class floor goes whole when its pieces' volume-weighted
+            mean probability is above this (chosen after ``threshold`` by the same cross-validation;
+            1.0, the value of deciders fitted before it existed, never drops a class this way).
         gates: :class:`PieceGates`.
         width: MLP width.
         provenance: what it was trained on, and the cross-validation's figures.
@@ -307,6 +324,7 @@ class PieceDecider:
     gates: PieceGates = field(default_factory=PieceGates)
     width: int = 32
     provenance: dict[str, Any] = field(default_factory=dict)
+    class_threshold: float = 1.0
 
     def features(self, pieces: Pieces, spacing: Sequence[float]) -> np.ndarray:
         """The pieces' features with the class's volume against its typical volume filled in."""
@@ -328,9 +346,25 @@ class PieceDecider:
         """The pieces of ``labels`` (canonical RAS) and which of them to drop (bool (N,)), gates applied;
         ``edges`` as :func:`find_pieces` (None: ``labels`` is the whole image)."""
         pieces = find_pieces(labels, spacing, edges=edges)
-        drop = self.scores(pieces, spacing) > self.threshold
-        return pieces, self.gates.allow(pieces, drop, _class_ml(pieces, spacing),
-                                        np.asarray(self.typical_ml)[pieces.cls])
+        class_ml, typical = _class_ml(pieces, spacing), np.asarray(self.typical_ml)[pieces.cls]
+        drop = self.proposal(pieces, self.scores(pieces, spacing), class_ml, typical)
+        return pieces, self.gates.allow(pieces, drop, class_ml, typical)
+
+    def proposal(self, pieces: Pieces, prob: np.ndarray, class_ml: np.ndarray, typical: np.ndarray, *,
+                 threshold: float | None = None, class_threshold: float | None = None) -> np.ndarray:
+        """Which pieces the scores propose to drop, before the gates: each piece above the cut-off, and
+        every piece of a class under the whole-class floor whose volume-weighted mean score is above the
+        class cut-off (``threshold``/``class_threshold``: override the fitted ones, for the CV)."""
+        threshold = self.threshold if threshold is None else threshold
+        class_threshold = self.class_threshold if class_threshold is None else class_threshold
+        drop = prob > threshold
+        if not len(drop) or class_threshold >= 1.0:
+            return drop
+        small = self.gates.may_go_whole(pieces, class_ml, typical)
+        volume = np.bincount(pieces.cls, weights=pieces.voxels, minlength=NUM_CLASSES)
+        weighted = np.bincount(pieces.cls, weights=pieces.voxels * prob, minlength=NUM_CLASSES)
+        class_score = (weighted / np.maximum(volume, 1))[pieces.cls]
+        return drop | (small & (class_score > class_threshold))
 
     def apply(self, labels: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
         """``labels`` (canonical RAS) with the dropped pieces set to background (a copy)."""
@@ -355,6 +389,7 @@ class PieceDecider:
         """Plain types and tensors (what ``torch.load(weights_only=True)`` reads back), e.g. inside a model file."""
         return {"features": list(FEATURE_NAMES), "typical_ml": self.typical_ml, "mean": self.mean,
                 "scale": self.scale, "states": self.states, "threshold": self.threshold,
+                "class_threshold": self.class_threshold,
                 "gates": {"class_floor": self.gates.class_floor,
                           "main_pieces": [list(p) for p in self.gates.main_pieces], "keep_cut": self.gates.keep_cut},
                 "width": self.width, "provenance": self.provenance}
@@ -372,7 +407,8 @@ class PieceDecider:
         try:
             decider = cls(list(payload["typical_ml"]), list(payload["mean"]), list(payload["scale"]),
                           list(payload["states"]), float(payload["threshold"]), PieceGates(**payload["gates"]),
-                          int(payload["width"]), dict(payload.get("provenance", {})))
+                          int(payload["width"]), dict(payload.get("provenance", {})),
+                          float(payload.get("class_threshold", 1.0)))  # files before it: off
             _predict(decider.states, decider.width, np.zeros((1, len(FEATURE_NAMES))))  # the weights fit the net
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{source}: the piece decider is inconsistent ({err}); fit it again.") from None
@@ -441,9 +477,10 @@ class PieceDecider:
         mean, scale = x.mean(axis=0), x.std(axis=0)
         scale[scale < 1e-6] = 1.0
         blank.mean, blank.scale = mean.tolist(), scale.tolist()
-        threshold, cv = _choose_threshold(blank, maps, epochs=epochs, ensemble=ensemble, seed=seed)
+        (threshold, class_threshold), cv = _choose_threshold(blank, maps, epochs=epochs, ensemble=ensemble,
+                                                             seed=seed)
         blank.states = _fit_states(blank, maps, epochs=epochs, ensemble=ensemble, seed=seed)
-        blank.threshold = threshold
+        blank.threshold, blank.class_threshold = threshold, class_threshold
         blank.provenance = {**(provenance or {}), "maps": len(raws), "pieces": len(x),
                             "drops_helping": int(sum(m.helps.sum() for m in maps)), "cross_validation": cv}
         return blank
@@ -495,13 +532,17 @@ def _fit_states(decider: PieceDecider, maps: Sequence[_Map], *, epochs: int, ens
 
 
 def _choose_threshold(decider: PieceDecider, maps: Sequence[_Map], *, epochs: int, ensemble: int,
-                      seed: int) -> tuple[float, dict[str, Any]]:
-    """The cut-off whose drops raise held-out maps' mean organ Dice most, by 2-fold CV over case groups."""
+                      seed: int) -> tuple[tuple[float, float], dict[str, Any]]:
+    """The piece cut-off, then the class cut-off, whose drops raise held-out maps' mean organ Dice most,
+    by 2-fold CV over case groups (ties: the higher, more cautious one; none helping: 1.0, off).
+
+    The piece cut-off is chosen exactly as without the class rule; the class cut-off is chosen with it
+    fixed, so the class rule only adds the whole-class drops that help on held-out maps."""
     groups = sorted({m.group for m in maps})
     if len(groups) < 2:
-        return 0.5, {"note": "one case: no cross-validation, cut-off 0.5"}
+        return (0.5, 1.0), {"note": "one case: no cross-validation, cut-off 0.5, no class cut-off"}
     fold_of = {g: n % 2 for n, g in enumerate(groups)}
-    gain = {t: 0.0 for t in THRESHOLDS}
+    held_out = []  # (map, held-out probabilities, mean organ Dice before any drop)
     for fold in (0, 1):
         train = [m for m in maps if fold_of[m.group] != fold]
         held = [m for m in maps if fold_of[m.group] == fold]
@@ -510,15 +551,27 @@ def _choose_threshold(decider: PieceDecider, maps: Sequence[_Map], *, epochs: in
         states = _fit_states(decider, train, epochs=epochs, ensemble=ensemble, seed=seed)
         for m in held:
             prob = _predict(states, decider.width, decider._standard(m.features))
+            held_out.append((m, prob, _mean(m.counts.organ_dice(m.pieces, np.zeros(len(prob), bool)))))
+
+    def gain(threshold: float, class_threshold: float) -> float:
+        total = 0.0
+        for m, prob, before in held_out:
             typical = np.asarray(decider.typical_ml)[m.pieces.cls]
-            before = _mean(m.counts.organ_dice(m.pieces, np.zeros(len(prob), bool)))
-            for t in THRESHOLDS:
-                drop = decider.gates.allow(m.pieces, prob > t, m.class_ml, typical)
-                gain[t] += _mean(m.counts.organ_dice(m.pieces, drop)) - before
-    best = max(THRESHOLDS, key=lambda t: (round(gain[t], 6), t))
-    chosen = best if gain[best] > 0 else 1.0
-    return chosen, {"mean_organ_dice_gain_sum": {str(t): round(v, 5) for t, v in gain.items()},
-                    "threshold": chosen}
+            drop = decider.proposal(m.pieces, prob, m.class_ml, typical, threshold=threshold,
+                                    class_threshold=class_threshold)
+            total += _mean(m.counts.organ_dice(m.pieces, decider.gates.allow(m.pieces, drop, m.class_ml,
+                                                                             typical))) - before
+        return total
+
+    piece_gain = {t: gain(t, 1.0) for t in THRESHOLDS}
+    best = max(THRESHOLDS, key=lambda t: (round(piece_gain[t], 6), t))
+    chosen = best if piece_gain[best] > 0 else 1.0
+    class_gain = {t: gain(chosen, t) - gain(chosen, 1.0) for t in THRESHOLDS} if chosen < 1.0 else {}
+    best_class = max(THRESHOLDS, key=lambda t: (round(class_gain[t], 6), t)) if class_gain else 1.0
+    chosen_class = best_class if class_gain.get(best_class, 0.0) > 0 else 1.0
+    return (chosen, chosen_class), {
+        "mean_organ_dice_gain_sum": {str(t): round(v, 5) for t, v in piece_gain.items()}, "threshold": chosen,
+        "class_gain_sum": {str(t): round(v, 5) for t, v in class_gain.items()}, "class_threshold": chosen_class}
 
 
 def _mean(values: np.ndarray) -> float:

@@ -241,7 +241,8 @@ def _fit_decider(pairs: list[Any], out: Path, seed: int, epochs: int) -> Any:
     decider = fit_on_pairs(pairs, seed=seed, epochs=epochs,
                            provenance={"data": "quality benchmark out-of-fold maps and training truths"})
     decider.save(out / "pieces.pt")
-    logger.info("piece decider: cut-off %.2f, %s", decider.threshold, decider.provenance["cross_validation"])
+    logger.info("piece decider: cut-off %.2f, class cut-off %.2f, %s", decider.threshold, decider.class_threshold,
+                decider.provenance["cross_validation"])
     return decider
 
 

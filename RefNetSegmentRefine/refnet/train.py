@@ -605,6 +605,6 @@ def train_from_folders(
 
         decider = fit_on_pairs(pairs, seed=config.seed, provenance={"data": str(dataset_dir)})
         save_model(output, model.net, metadata=model.metadata, pieces=decider)
-        logger.info("piece decider fitted on %d maps (cut-off %s) and stored in %s",
-                    decider.provenance["maps"], decider.threshold, output)
+        logger.info("piece decider fitted on %d maps (cut-off %s, whole-class cut-off %s) and stored in %s",
+                    decider.provenance["maps"], decider.threshold, decider.class_threshold, output)
     return Path(output)
