@@ -35,7 +35,7 @@ class _ScoresNothing(PieceDecider):
     def __init__(self, typical_ml: list[float]) -> None:
         super().__init__(typical_ml=typical_ml, mean=[], scale=[], states=[], class_threshold=0.5)
 
-    def scores(self, pieces, spacing):
+    def scores(self, pieces, spacing, ct=None):
         return np.zeros(len(pieces.cls))
 
 
@@ -91,7 +91,7 @@ class _ScoresGallbladder(PieceDecider):
     def __init__(self, typical_ml: list[float]) -> None:
         super().__init__(typical_ml=typical_ml, mean=[], scale=[], states=[], threshold=0.9, class_threshold=0.85)
 
-    def scores(self, pieces, spacing):
+    def scores(self, pieces, spacing, ct=None):
         largest = pieces.features[:, FEATURE_NAMES.index("is_largest")] > 0.5
         return np.where(pieces.cls == GALLBLADDER, np.where(largest, 0.88, 0.99), 0.0)
 

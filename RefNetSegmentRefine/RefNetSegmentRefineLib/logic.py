@@ -242,6 +242,8 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
         window = model.metadata.get("ct_window")
         if not model.uses_ct:
             return "Model input: label map only (the CT sets the voxel grid)."
+        if not getattr(model, "net_uses_ct", True):
+            return "Model input: label map; its piece decider also reads the CT intensities."
         detail = f" (window {window[0]:g}/{window[1]:g} HU)" if window else ""
         return f"Model input: label map + CT intensities{detail}."
 

@@ -60,7 +60,12 @@ class LoadedModel:
 
     @property
     def uses_ct(self) -> bool:
-        """True if the model needs the CT as input."""
+        """True if the model needs the CT as input: its net, or its piece decider (one fitted with the CT)."""
+        return self.net_uses_ct or bool(getattr(self.pieces, "uses_ct", False))
+
+    @property
+    def net_uses_ct(self) -> bool:
+        """True if the net itself reads the CT (a CT channel)."""
         return self.net.config.ct_channels > 0
 
     @property

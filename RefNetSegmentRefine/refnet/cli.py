@@ -119,8 +119,8 @@ def _cmd_pieces(args: argparse.Namespace) -> int:
     if out.exists() and not args.overwrite:
         raise ValueError(f"--out {out} exists; choose a new file, or pass --overwrite to replace it.")
     model = load_model(args.model)
-    pairs = load_training_pairs(args.data, args.predictions, scheme=args.label_scheme)
-    decider = fit_on_pairs(pairs, seed=args.seed, provenance={"data": str(args.data)})
+    pairs = load_training_pairs(args.data, args.predictions, scheme=args.label_scheme, with_ct=args.ct)
+    decider = fit_on_pairs(pairs, seed=args.seed, provenance={"data": str(args.data)}, with_ct=args.ct)
     save_model(out, model.net, metadata=model.metadata, pieces=decider)
     cv = decider.provenance["cross_validation"]
     print(f"piece decider fitted on {decider.provenance['maps']} maps ({decider.provenance['pieces']} pieces); "
@@ -345,6 +345,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="new model file (.pt): the model plus the decider")
     s.add_argument("--label-scheme", type=_scheme, default="refnet", help="label values of the predictions")
     s.add_argument("--seed", type=int, default=0, help="seed of the decider's nets (default 0)")
+    s.add_argument("--ct", action="store_true",
+                   help="fit a decider that also reads each piece's CT intensities (read from --data); the model "
+                        "then needs the CT wherever it refines (--ct, or --keep-pieces to skip the decider)")
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     s.set_defaults(func=_cmd_pieces)
 

@@ -24,6 +24,11 @@ piece leaves it whenever one speck scores under the cut-off. So a class under th
 is also scored as a whole (the volume-weighted mean of its pieces' scores) and goes whole when that
 passes a second cut-off, chosen by the same cross-validation (off when it helps nowhere).
 
+A label map alone cannot tell a small real organ from one drawn where the patient has none. The CT
+can: bile is near 10 HU, liver near 100. A decider fitted with the CT (``cts`` in :meth:`PieceDecider.fit`)
+adds :data:`CT_FEATURE_NAMES`, each piece's intensity against its class's in the training truth, and
+then needs the CT wherever it runs.
+
 Written by hand because no medical-imaging library learns connected-component decisions: MONAI and
 nnU-Net offer only the fixed largest-component rule.
 """
@@ -42,8 +47,8 @@ from scipy import ndimage
 
 from .labels import NUM_CLASSES
 
-__all__ = ["FEATURE_NAMES", "PieceDecider", "PieceGates", "Pieces", "drop_helps", "find_pieces", "fit_on_pairs",
-           "remove_pieces"]
+__all__ = ["CT_FEATURE_NAMES", "FEATURE_NAMES", "PieceDecider", "PieceGates", "Pieces", "drop_helps", "find_pieces",
+           "fit_on_pairs", "remove_pieces"]
 
 _STRUCTURE = np.ones((3, 3, 3), dtype=bool)  # 26-connected, as refnet.cleanup and MONAI
 ADRENAL_GLANDS = 12  # both adrenal glands are one class (refnet.labels): two separate pieces are normal
@@ -52,6 +57,9 @@ FEATURE_NAMES = (
     + [f"touch_{c}" for c in range(NUM_CLASSES)]
     + [f"class_{c}" for c in range(NUM_CLASSES)]
 )
+# With the CT: the piece's mean HU against its class's in the training truth (in units of the class's
+# within-organ SD), and its HU spread against the class's (log10).
+CT_FEATURE_NAMES = ["hu_z", "log_hu_sd_ratio"]
 
 
 @dataclass
@@ -289,9 +297,9 @@ THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)  # drop-probability cut-offs the inner cr
 
 
 class _Net(torch.nn.Module):
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, inputs: int = len(FEATURE_NAMES)) -> None:
         super().__init__()
-        self.layers = torch.nn.Sequential(torch.nn.Linear(len(FEATURE_NAMES), width), torch.nn.ReLU(),
+        self.layers = torch.nn.Sequential(torch.nn.Linear(inputs, width), torch.nn.ReLU(),
                                           torch.nn.Linear(width, width), torch.nn.ReLU(),
                                           torch.nn.Linear(width, 1))
 
@@ -314,6 +322,8 @@ class PieceDecider:
         gates: :class:`PieceGates`.
         width: MLP width.
         provenance: what it was trained on, and the cross-validation's figures.
+        typical_hu: per class ``[mean, sd]`` HU of the class in the training truth (median over cases of
+            each case's mean and within-organ SD) for a decider that reads the CT; None: label map only.
     """
 
     typical_ml: list[float]
@@ -325,29 +335,51 @@ class PieceDecider:
     width: int = 32
     provenance: dict[str, Any] = field(default_factory=dict)
     class_threshold: float = 1.0
+    typical_hu: list[list[float]] | None = None
 
-    def features(self, pieces: Pieces, spacing: Sequence[float]) -> np.ndarray:
-        """The pieces' features with the class's volume against its typical volume filled in."""
+    @property
+    def uses_ct(self) -> bool:
+        """True if the decider reads the CT (it was fitted with it)."""
+        return self.typical_hu is not None
+
+    @property
+    def feature_names(self) -> list[str]:
+        return list(FEATURE_NAMES) + (CT_FEATURE_NAMES if self.uses_ct else [])
+
+    def features(self, pieces: Pieces, spacing: Sequence[float], ct: np.ndarray | None = None) -> np.ndarray:
+        """The pieces' features with the class's volume against its typical volume filled in, and the CT's
+        columns for a decider that reads it (``ct``: HU on the label map's grid).
+
+        Raises:
+            ValueError: the decider reads the CT and none (or one of another shape) was given.
+        """
+        if self.uses_ct:
+            ct = _check_ct(ct)
         feats = pieces.features.copy()
         if not len(feats):
-            return feats
+            return feats.reshape(0, len(self.feature_names))
         class_ml = _class_ml(pieces, spacing)
         typical = np.asarray(self.typical_ml)[pieces.cls]
         col = FEATURE_NAMES.index("log_class_of_typical")
         feats[:, col] = np.where(typical > 0, np.log10(class_ml / np.maximum(typical, 1e-6)), 0.0)
+        if self.uses_ct:
+            feats = np.concatenate([feats, _ct_features(pieces, ct, np.asarray(self.typical_hu))], axis=1)
         return feats
 
-    def scores(self, pieces: Pieces, spacing: Sequence[float]) -> np.ndarray:
+    def scores(self, pieces: Pieces, spacing: Sequence[float], ct: np.ndarray | None = None) -> np.ndarray:
         """Drop probability of each piece (before the cut-off and the gates)."""
-        return _predict(self.states, self.width, self._standard(self.features(pieces, spacing)))
+        return _predict(self.states, self.width, self._standard(self.features(pieces, spacing, ct)))
 
-    def decide(self, labels: np.ndarray, spacing: Sequence[float],
-               edges: Sequence[bool] | None = None) -> tuple[Pieces, np.ndarray]:
+    def decide(self, labels: np.ndarray, spacing: Sequence[float], edges: Sequence[bool] | None = None,
+               ct: np.ndarray | None = None) -> tuple[Pieces, np.ndarray]:
         """The pieces of ``labels`` (canonical RAS) and which of them to drop (bool (N,)), gates applied;
-        ``edges`` as :func:`find_pieces` (None: ``labels`` is the whole image)."""
+        ``edges`` as :func:`find_pieces` (None: ``labels`` is the whole image); ``ct``: HU on the same
+        grid, for a decider that reads it."""
+        if self.uses_ct:
+            ct = _check_ct(ct, np.shape(labels))
         pieces = find_pieces(labels, spacing, edges=edges)
         class_ml, typical = _class_ml(pieces, spacing), np.asarray(self.typical_ml)[pieces.cls]
-        drop = self.proposal(pieces, self.scores(pieces, spacing), class_ml, typical)
+        drop = self.proposal(pieces, self.scores(pieces, spacing, ct), class_ml, typical)
         return pieces, self.gates.allow(pieces, drop, class_ml, typical)
 
     def proposal(self, pieces: Pieces, prob: np.ndarray, class_ml: np.ndarray, typical: np.ndarray, *,
@@ -366,20 +398,24 @@ class PieceDecider:
         class_score = (weighted / np.maximum(volume, 1))[pieces.cls]
         return drop | (small & (class_score > class_threshold))
 
-    def apply(self, labels: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    def apply(self, labels: np.ndarray, spacing: Sequence[float], ct: np.ndarray | None = None) -> np.ndarray:
         """``labels`` (canonical RAS) with the dropped pieces set to background (a copy)."""
-        pieces, drop = self.decide(labels, spacing)
+        pieces, drop = self.decide(labels, spacing, ct=ct)
         return remove_pieces(labels, pieces, drop)
 
-    def apply_to(self, labels: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, int]:
-        """A label map in any orientation (with its voxel-to-RAS affine) after the decision, and how many
-        pieces went; the input is not changed."""
+    def apply_to(self, labels: np.ndarray, affine: np.ndarray,
+                 ct: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """A label map in any orientation (with its voxel-to-RAS affine, and its CT on the same grid for a
+        decider that reads it) after the decision, and how many pieces went; the input is not changed."""
         from .geometry import canonical_affine, to_canonical
         from .spacing import voxel_spacing
 
         canon, reo = to_canonical(np.asarray(labels), affine)
         spacing = voxel_spacing(canonical_affine(affine, np.shape(labels)))
-        pieces, drop = self.decide(canon, spacing)
+        if ct is not None and np.shape(ct) != np.shape(labels):
+            raise ValueError(f"the CT's shape {np.shape(ct)} differs from the label map's {np.shape(labels)}; "
+                             "resample one onto the other's grid first.")
+        pieces, drop = self.decide(canon, spacing, ct=None if ct is None else reo.forward(np.asarray(ct)))
         return reo.backward(remove_pieces(canon, pieces, drop)), int(drop.sum())
 
     def _standard(self, feats: np.ndarray) -> np.ndarray:
@@ -387,12 +423,12 @@ class PieceDecider:
 
     def to_payload(self) -> dict[str, Any]:
         """Plain types and tensors (what ``torch.load(weights_only=True)`` reads back), e.g. inside a model file."""
-        return {"features": list(FEATURE_NAMES), "typical_ml": self.typical_ml, "mean": self.mean,
+        return {"features": self.feature_names, "typical_ml": self.typical_ml, "mean": self.mean,
                 "scale": self.scale, "states": self.states, "threshold": self.threshold,
                 "class_threshold": self.class_threshold,
                 "gates": {"class_floor": self.gates.class_floor,
                           "main_pieces": [list(p) for p in self.gates.main_pieces], "keep_cut": self.gates.keep_cut},
-                "width": self.width, "provenance": self.provenance}
+                "width": self.width, "provenance": self.provenance, "typical_hu": self.typical_hu}
 
     @classmethod
     def from_payload(cls, payload: Any, source: str = "the decider") -> PieceDecider:
@@ -401,15 +437,19 @@ class PieceDecider:
         Raises:
             ValueError: not a decider of this version's features, or an inconsistent one.
         """
-        if not isinstance(payload, dict) or payload.get("features") != list(FEATURE_NAMES):
+        if not isinstance(payload, dict) or payload.get("features") not in (
+                list(FEATURE_NAMES), list(FEATURE_NAMES) + CT_FEATURE_NAMES):
             raise ValueError(f"{source}: not a RefNet piece decider of this version; train one with "
                              "`refnet pieces` (or refnet.pieces.PieceDecider.fit).")
         try:
             decider = cls(list(payload["typical_ml"]), list(payload["mean"]), list(payload["scale"]),
                           list(payload["states"]), float(payload["threshold"]), PieceGates(**payload["gates"]),
                           int(payload["width"]), dict(payload.get("provenance", {})),
-                          float(payload.get("class_threshold", 1.0)))  # files before it: off
-            _predict(decider.states, decider.width, np.zeros((1, len(FEATURE_NAMES))))  # the weights fit the net
+                          float(payload.get("class_threshold", 1.0)),  # files before it: off
+                          _hu_table(payload.get("typical_hu")))
+            if decider.feature_names != payload["features"]:
+                raise ValueError("its features and its CT statistics disagree")
+            _predict(decider.states, decider.width, np.zeros((1, len(decider.feature_names))))  # weights fit the net
         except (KeyError, TypeError, ValueError, RuntimeError) as err:
             raise ValueError(f"{source}: the piece decider is inconsistent ({err}); fit it again.") from None
         return decider
@@ -438,8 +478,9 @@ class PieceDecider:
     def fit(cls, raws: Sequence[np.ndarray], targets: Sequence[np.ndarray], spacings: Sequence[Sequence[float]],
             groups: Sequence[int] | None = None, *, gates: PieceGates | None = None, width: int = 32,
             epochs: int = 400, ensemble: int = 3, max_pieces: int = 20_000, seed: int = 0,
-            provenance: dict[str, Any] | None = None) -> PieceDecider:
-        """Learn the decision from predictions (out-of-fold ones) paired with their ground truth.
+            provenance: dict[str, Any] | None = None, cts: Sequence[np.ndarray] | None = None) -> PieceDecider:
+        """Learn the decision from predictions (out-of-fold ones) paired with their ground truth; with
+        ``cts`` (each map's CT in HU, same grid) a decider that reads the CT.
 
         A noisy model can leave hundreds of thousands of specks; the nets train on at most ``max_pieces``
         of them (a fixed random draw per map, in proportion), which keeps the cost bounded.
@@ -454,18 +495,22 @@ class PieceDecider:
         """
         if not raws or len(raws) != len(targets) or len(raws) != len(spacings):
             raise ValueError("PieceDecider.fit needs one target and one spacing per prediction, and at least one.")
+        if cts is not None and len(cts) != len(raws):
+            raise ValueError(f"PieceDecider.fit: {len(cts)} CTs for {len(raws)} predictions; give one per map.")
         groups = list(range(len(raws))) if groups is None else list(groups)
         gates = gates or PieceGates()
         typical = _typical_ml(targets, spacings)
-        blank = cls(typical, [0.0] * len(FEATURE_NAMES), [1.0] * len(FEATURE_NAMES), [], 0.5, gates, width)
+        blank = cls(typical, [], [], [], 0.5, gates, width,
+                    typical_hu=None if cts is None else _typical_hu(targets, cts))
+        blank.mean, blank.scale = [0.0] * len(blank.feature_names), [1.0] * len(blank.feature_names)
         maps = []
-        for raw, target, spacing, group in zip(raws, targets, spacings, groups):
+        for n, (raw, target, spacing, group) in enumerate(zip(raws, targets, spacings, groups)):
             pieces = find_pieces(raw, spacing)
             if len(pieces.cls):
                 counts = _Counts.of(pieces, target)
                 helps, weight = _drop_effect(pieces, counts)
-                maps.append(_Map(pieces, blank.features(pieces, spacing), helps, weight, counts,
-                                 _class_ml(pieces, spacing), group))
+                feats = blank.features(pieces, spacing, None if cts is None else cts[n])
+                maps.append(_Map(pieces, feats, helps, weight, counts, _class_ml(pieces, spacing), group))
         if not maps:
             raise ValueError("PieceDecider.fit: the predictions have no labelled pieces to learn from.")
         total = sum(len(m.helps) for m in maps)
@@ -487,9 +532,11 @@ class PieceDecider:
 
 
 def fit_on_pairs(pairs: Sequence[Any], *, seed: int = 0, epochs: int = 400,
-                 provenance: dict[str, Any] | None = None) -> PieceDecider:
+                 provenance: dict[str, Any] | None = None, with_ct: bool = False) -> PieceDecider:
     """A decider trained on training pairs (:class:`refnet.pairs.TrainingPair`, canonical layout) and,
     once per case, on the case's truth as its own input: correct maps, whose every piece must stay.
+    ``with_ct``: a decider that reads the CT (the pairs must carry it: ``load_training_pairs(...,
+    with_ct=True)``).
 
     Use out-of-fold predictions (``refnet train-segmenters --folds K``): a model's errors on cases it
     trained on are fewer and different from those on new cases.
@@ -503,9 +550,15 @@ def fit_on_pairs(pairs: Sequence[Any], *, seed: int = 0, epochs: int = 400,
     targets = [p.target for p in pairs] + [p.target for p in truths]
     spacings = [voxel_spacing(p.affine) for p in pairs] + [voxel_spacing(p.affine) for p in truths]
     groups = [p.case_id for p in pairs] + [p.case_id for p in truths]
-    return PieceDecider.fit(raws, targets, spacings, groups, seed=seed, epochs=epochs,
+    cts = None
+    if with_ct:
+        if any(p.ct is None for p in pairs):
+            raise ValueError("a piece decider that reads the CT needs the CT of every training pair; load the "
+                             "pairs with their CT (refnet.pairs.load_training_pairs(..., with_ct=True)).")
+        cts = [p.ct for p in pairs] + [p.ct for p in truths]
+    return PieceDecider.fit(raws, targets, spacings, groups, seed=seed, epochs=epochs, cts=cts,
                             provenance={**(provenance or {}), "sources": sorted({p.source for p in pairs}),
-                                        "cases": sorted(int(p.case_id) for p in truths)})
+                                        "cases": sorted(int(p.case_id) for p in truths), "ct": with_ct})
 
 
 @dataclass
@@ -585,7 +638,7 @@ def _predict(states: Sequence[dict[str, Any]], width: int, x: np.ndarray) -> np.
     xt = torch.as_tensor(x, dtype=torch.float32)
     probs = []
     for state in states:
-        net = _Net(width)
+        net = _Net(width, x.shape[1])
         net.load_state_dict(state)
         with torch.no_grad():
             probs.append(torch.sigmoid(net(xt)).numpy().astype(np.float64))
@@ -624,7 +677,7 @@ def _typical_ml(targets: Sequence[np.ndarray], spacings: Sequence[Sequence[float
 def _train(x: np.ndarray, y: np.ndarray, w: np.ndarray, *, width: int, epochs: int, seed: int) -> dict[str, Any]:
     """Full-batch AdamW on the weighted binary cross-entropy; pieces weigh by the Dice they move."""
     torch.manual_seed(seed)
-    net = _Net(width)
+    net = _Net(width, x.shape[1])
     xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
     wt = torch.as_tensor(w + 1e-3, dtype=torch.float32)
     loss_fn = torch.nn.BCEWithLogitsLoss(weight=wt / wt.mean())
@@ -634,3 +687,65 @@ def _train(x: np.ndarray, y: np.ndarray, w: np.ndarray, *, width: int, epochs: i
         loss_fn(net(xt), yt).backward()
         opt.step()
     return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _check_ct(ct: np.ndarray | None, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """The CT a CT-reading decider was given, checked (against the label map's ``shape`` when known)."""
+    if ct is None:
+        raise ValueError("this piece decider reads the CT; pass the CT volume (--ct), or skip the piece "
+                         "decision (--keep-pieces).")
+    ct = np.asarray(ct)
+    if shape is not None and ct.shape != tuple(shape):
+        raise ValueError(f"the CT's shape {ct.shape} differs from the label map's {tuple(shape)}; give the CT on "
+                         "the label map's grid.")
+    return ct
+
+
+def _ct_features(pieces: Pieces, ct: np.ndarray, typical_hu: np.ndarray) -> np.ndarray:
+    """Per piece :data:`CT_FEATURE_NAMES`: its mean HU against its class's typical, in the class's SDs
+    (clipped to +-10), and log10 of its HU SD over the class's (SD floor 1 HU)."""
+    out = np.zeros((len(pieces.cls), len(CT_FEATURE_NAMES)))
+    for c, parts in pieces.parts.items():
+        values = np.asarray(ct[pieces.boxes[c]], dtype=np.float64).ravel()
+        label = parts.ravel()
+        n = int(parts.max()) + 1
+        counts = np.maximum(np.bincount(label, minlength=n), 1)
+        means = np.bincount(label, weights=values, minlength=n) / counts
+        sds = np.sqrt(np.maximum(np.bincount(label, weights=values ** 2, minlength=n) / counts - means ** 2, 0.0))
+        mine = np.nonzero(pieces.cls == c)[0]
+        mu, sd = typical_hu[c]
+        sd = max(float(sd), 1.0)
+        out[mine, 0] = np.clip((means[pieces.index[mine]] - mu) / sd, -10.0, 10.0)
+        out[mine, 1] = np.log10(np.maximum(sds[pieces.index[mine]], 1.0) / sd)
+    return out
+
+
+def _typical_hu(targets: Sequence[np.ndarray], cts: Sequence[np.ndarray]) -> list[list[float]]:
+    """Per class ``[mean, sd]`` HU: medians over the truths that have the class of its mean and within-organ
+    SD (``[0, 1]`` where none has it)."""
+    stats: list[list[tuple[float, float]]] = [[] for _ in range(NUM_CLASSES)]
+    for target, ct in zip(targets, cts):
+        target = np.asarray(target).astype(np.int64)
+        ct = np.asarray(ct, dtype=np.float64)
+        if ct.shape != target.shape:
+            raise ValueError(f"a CT of shape {ct.shape} for a label map of shape {target.shape}; give each "
+                             "map's CT on its grid.")
+        counts = np.bincount(target.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
+        sums = np.bincount(target.ravel(), weights=ct.ravel(), minlength=NUM_CLASSES)[:NUM_CLASSES]
+        squares = np.bincount(target.ravel(), weights=ct.ravel() ** 2, minlength=NUM_CLASSES)[:NUM_CLASSES]
+        for c in range(1, NUM_CLASSES):
+            if counts[c]:
+                mean = sums[c] / counts[c]
+                stats[c].append((mean, float(np.sqrt(max(squares[c] / counts[c] - mean ** 2, 0.0)))))
+    return [[float(np.median([m for m, _ in v])), float(np.median([d for _, d in v]))] if v else [0.0, 1.0]
+            for v in stats]
+
+
+def _hu_table(value: Any) -> list[list[float]] | None:
+    """A saved ``typical_hu`` (None: a label-only decider), checked: one ``[mean, sd]`` per class."""
+    if value is None:
+        return None
+    table = [[float(m), float(d)] for m, d in value]
+    if len(table) != NUM_CLASSES:
+        raise ValueError(f"typical_hu has {len(table)} classes, not {NUM_CLASSES}")
+    return table

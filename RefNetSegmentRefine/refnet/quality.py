@@ -21,6 +21,9 @@ test cases these methods are scored against the ground truth:
   trained on the K models' out-of-fold training predictions and the training truths; added after the
   five seeds showed cleanup ahead of RefNet, frozen on development seed 10 before any test seed ran it);
 - ``refnet_label_pieces``: ``refnet_label``'s output with the same decision after it;
+- ``pieces_ct`` / ``refnet_label_pieces_ct`` (opt-in): the same with a decider that also reads the CT (each
+  piece's HU against its organ's in the training truth; :data:`refnet.pieces.CT_FEATURE_NAMES`): can it tell
+  an organ the patient lacks from a small real one, which the label map alone cannot;
 - ``unseen_raw`` / ``unseen_refnet_label`` / ``unseen_pieces``: a base model of an architecture RefNet and
   the decider never trained on, before and after ``refnet_label`` and ``pieces``.
 
@@ -51,11 +54,12 @@ __all__ = ["DEFAULT_METHODS", "METHODS", "QualityConfig", "add_methods", "qualit
 logger = logging.getLogger(__name__)
 
 METHODS = ("raw", "cleanup", "average", "refnet_label", "refnet_ct", "refnet_paper", "refnet_label_cleanup",
-           "refnet_components", "pieces", "refnet_label_pieces", "unseen_raw", "unseen_refnet_label", "unseen_pieces")
+           "refnet_components", "pieces", "refnet_label_pieces", "unseen_raw", "unseen_refnet_label", "unseen_pieces",
+           "pieces_ct", "refnet_label_pieces_ct")
 # What a run scores unless told otherwise: refnet_components is opt-in (--methods), because a fourth RefNet
 # would take the --quick seed past its 30 minutes on 2 cores and it gained nothing on development data
-# (benchmarks/refnet_variants.py).
-DEFAULT_METHODS = tuple(m for m in METHODS if m != "refnet_components")
+# (benchmarks/refnet_variants.py); the CT-reading decider is opt-in as it was added after the published runs.
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in ("refnet_components", "pieces_ct", "refnet_label_pieces_ct"))
 BASELINE = {m: "unseen_raw" if m.startswith("unseen_") else "raw" for m in METHODS}  # what a method is compared with
 REFNETS = ("refnet_label", "refnet_ct", "refnet_paper", "refnet_components")
 NEEDS = {"unseen_refnet_label": "unseen_raw", "unseen_pieces": "unseen_raw", "refnet_label_cleanup": "cleanup"}
@@ -194,7 +198,7 @@ def run_quality(
                                    progress=progress)
     timings["segmenters_s"] = time.perf_counter() - t0
     wanted = [m for m in REFNETS if m in config.methods or (m == "refnet_label" and _needs_refnet_label(config))]
-    needs_ct = "refnet_ct" in wanted
+    needs_ct = "refnet_ct" in wanted or _needs_ct_decider(config)
     pairs = load_training_pairs(data, folders, with_ct=needs_ct)
     models = {}
     for method in wanted:
@@ -208,7 +212,10 @@ def run_quality(
     timings["refnets_s"] = time.perf_counter() - t0 - sum(timings.values())
     plan = _cleanup_plan(pairs, folders[0].name) if "cleanup" in config.methods else {}
     decider = _fit_decider(pairs, out, seed, config.decider_epochs) if _needs_decider(config) else None
-    scores, truth_ml = _score_test_cases(data, cases, config, folders, unseen, models, plan, out, decider)
+    ct_decider = _fit_decider(pairs, out, seed, config.decider_epochs, with_ct=True) \
+        if _needs_ct_decider(config) else None
+    scores, truth_ml = _score_test_cases(data, cases, config, folders, unseen, models, plan, out, decider,
+                                         ct_decider)
     timings["evaluate_s"] = time.perf_counter() - t0 - sum(timings.values())
     return {"seed": seed, "dataset": str(data), "cases": [c for c in sorted(cases) if c not in set(train_ids)],
             "truth_ml": truth_ml, "methods": scores,
@@ -219,11 +226,16 @@ def run_quality(
 
 
 def _needs_refnet_label(config: QualityConfig) -> bool:
-    return any(m in config.methods for m in ("unseen_refnet_label", "refnet_label_cleanup", "refnet_label_pieces"))
+    return any(m in config.methods for m in ("unseen_refnet_label", "refnet_label_cleanup", "refnet_label_pieces",
+                                             "refnet_label_pieces_ct"))
 
 
 def _needs_decider(config: QualityConfig) -> bool:
     return any(m in config.methods for m in ("pieces", "refnet_label_pieces", "unseen_pieces"))
+
+
+def _needs_ct_decider(config: QualityConfig) -> bool:
+    return any(m in config.methods for m in ("pieces_ct", "refnet_label_pieces_ct"))
 
 
 def _cleanup_plan(pairs: list[Any], source: str) -> dict[int, list[str]]:
@@ -234,13 +246,14 @@ def _cleanup_plan(pairs: list[Any], source: str) -> dict[int, list[str]]:
     return choose_cleanup([p.raw for p in oof], [p.target for p in oof])
 
 
-def _fit_decider(pairs: list[Any], out: Path, seed: int, epochs: int) -> Any:
-    """The piece decider, trained on every model's out-of-fold maps and the training truths; saved as pieces.pt."""
+def _fit_decider(pairs: list[Any], out: Path, seed: int, epochs: int, with_ct: bool = False) -> Any:
+    """The piece decider, trained on every model's out-of-fold maps and the training truths; saved as
+    pieces.pt (pieces_ct.pt for the one that reads the CT)."""
     from .pieces import fit_on_pairs
 
-    decider = fit_on_pairs(pairs, seed=seed, epochs=epochs,
+    decider = fit_on_pairs(pairs, seed=seed, epochs=epochs, with_ct=with_ct,
                            provenance={"data": "quality benchmark out-of-fold maps and training truths"})
-    decider.save(out / "pieces.pt")
+    decider.save(out / ("pieces_ct.pt" if with_ct else "pieces.pt"))
     logger.info("piece decider: cut-off %.2f, class cut-off %.2f, %s", decider.threshold, decider.class_threshold,
                 decider.provenance["cross_validation"])
     return decider
@@ -268,17 +281,20 @@ def add_methods(out_dir: str | os.PathLike, run: dict[str, Any], config: Quality
     unseen = predictions / run["unseen_source"] if run.get("unseen_source") else None
     if any(m.startswith("unseen_") for m in config.methods) and unseen is None:
         raise ValueError(f"{out}: this run has no unseen architecture to score {list(config.methods)} on.")
-    pairs = load_training_pairs(data, folders)
+    pairs = load_training_pairs(data, folders, with_ct=_needs_ct_decider(config))
     models = {"refnet_label": load_model(out / "refnet_label.pt", device=config.demo.device)} \
         if _needs_refnet_label(config) else {}
     plan = _cleanup_plan(pairs, folders[0].name) if "cleanup" in config.methods else {}
     decider = _fit_decider(pairs, out, run["seed"], config.decider_epochs) if _needs_decider(config) else None
-    scores, truth_ml = _score_test_cases(data, find_cases(data), config, folders, unseen, models, plan, out, decider)
+    ct_decider = _fit_decider(pairs, out, run["seed"], config.decider_epochs, with_ct=True) \
+        if _needs_ct_decider(config) else None
+    scores, truth_ml = _score_test_cases(data, find_cases(data), config, folders, unseen, models, plan, out, decider,
+                                         ct_decider)
     return {**run, "truth_ml": truth_ml, "methods": {**run["methods"], **scores}}
 
 
-def _score_test_cases(data, cases, config, folders, unseen, models, plan, out,
-                      decider=None) -> tuple[dict[str, dict[str, list]], list[list[float]]]:
+def _score_test_cases(data, cases, config, folders, unseen, models, plan, out, decider=None,
+                      ct_decider=None) -> tuple[dict[str, dict[str, list]], list[list[float]]]:
     """Per method, per test case: Dice, NSD, HD95 and false-positive mL vectors; and per test case the
     truth's volume (mL) of every class, which organs the patient has (``benchmarks/gain_sources.py``)."""
     from .cleanup import apply_cleanup
@@ -330,6 +346,9 @@ def _score_test_cases(data, cases, config, folders, unseen, models, plan, out,
                                ("unseen_pieces", "unseen_raw")):
             if method in config.methods:
                 maps[method] = decider.apply_to(maps[source], ct.affine)[0]
+        for method, source in (("pieces_ct", "raw"), ("refnet_label_pieces_ct", "refnet_label")):
+            if method in config.methods:
+                maps[method] = ct_decider.apply_to(maps[source], ct.affine, ct=ct.array)[0]
         spacing = voxel_spacing(ct.affine)
         ml = float(np.prod(spacing)) / 1000.0
         truth_ml.append([round(float(v) * ml, 3) for v in np.bincount(np.ravel(target), minlength=NUM_CLASSES)])

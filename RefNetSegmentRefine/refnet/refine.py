@@ -246,23 +246,30 @@ def restrict_changes(raw: np.ndarray, refined: np.ndarray, allowed) -> np.ndarra
     return keep_classes(raw, refined, allowed)[0]
 
 
-def _check_inputs(labels: np.ndarray, ct: np.ndarray | None, model: LoadedModel) -> None:
+def _check_inputs(labels: np.ndarray, ct: np.ndarray | None, model: LoadedModel, drop_pieces: bool = True) -> None:
     if not isinstance(labels, np.ndarray) or labels.ndim != 3:
         shape = getattr(labels, "shape", None)
         raise ValueError(f"label map must be a 3D array, got shape {shape}; refine one volume at a time.")
     check_class_labels(labels)
-    if model.uses_ct and ct is None:
+    if model.net_uses_ct and ct is None:
         raise ValueError("this RefNet model needs the CT as input; pass the CT volume (--ct).")
+    if _decider_reads_ct(model, drop_pieces) and ct is None:
+        raise ValueError("this model's piece decider reads the CT; pass the CT volume (--ct), or skip the piece "
+                         "decision (--keep-pieces).")
     if ct is not None and np.shape(ct) != labels.shape:
         raise ValueError(
             f"CT shape {np.shape(ct)} differs from label map shape {labels.shape}; "
             "resample the label map onto the CT grid first."
         )
-    if ct is not None and model.uses_ct:
+    if ct is not None and (model.net_uses_ct or _decider_reads_ct(model, drop_pieces)):
         bad = np.size(ct) - int(np.count_nonzero(np.isfinite(ct)))
         if bad:  # NaN would silently turn whole slices into background
             raise ValueError(f"the CT holds {bad} NaN or infinite values; fill them (e.g. with -1024 HU, air) "
                              "before refining.")
+
+
+def _decider_reads_ct(model: LoadedModel, drop_pieces: bool) -> bool:
+    return drop_pieces and model.pieces is not None and bool(getattr(model.pieces, "uses_ct", False))
 
 
 _ALIGN = 16  # BasicUNet halves the image 4 times
@@ -555,7 +562,7 @@ def refine_volume(
         RefinementCancelled: the progress callback returned False.
     """
     config = config or RefineConfig()
-    _check_inputs(labels, ct, model)
+    _check_inputs(labels, ct, model, config.guards.drop_pieces)
     affine = check_affine(affine)
     canon, reo = to_canonical(labels, affine)
     spacing = voxel_spacing(canonical_affine(affine, labels.shape))
@@ -567,7 +574,7 @@ def refine_volume(
         logger.info("label map is empty; nothing to refine")
         return RefineResult(labels.copy(), report)
     ct_canon = None
-    if model.uses_ct:
+    if model.net_uses_ct:
         level, width = model.metadata.get("ct_window") or (40.0, 400.0)
         ct_canon = window_ct(reo.forward(np.asarray(ct)), level, width)
     canon = np.asarray(canon).astype(np.int64) if canon.dtype.kind not in "ui" else np.asarray(canon)
@@ -576,7 +583,8 @@ def refine_volume(
     if config.guards.drop_pieces and model.pieces is not None:
         # The box holds every labelled voxel with background around it: the pieces are the volume's own.
         # Its faces that are the image's own edges tell which pieces the edge cuts (those are kept).
-        out, report.dropped_pieces = _drop_pieces(out, spacing, model.pieces, list(proposal.edges))
+        ct_box = reo.forward(np.asarray(ct))[proposal.box] if _decider_reads_ct(model, True) else None
+        out, report.dropped_pieces = _drop_pieces(out, spacing, model.pieces, list(proposal.edges), ct_box)
     diff = out != proposal.raw
     added = np.bincount(out[diff], minlength=len(CLASS_NAMES))
     removed = np.bincount(proposal.raw[diff], minlength=len(CLASS_NAMES))
@@ -589,11 +597,12 @@ def refine_volume(
 
 
 def _drop_pieces(labels: np.ndarray, spacing: tuple[float, float, float], decider: Any,
-                 edges: Any = None) -> tuple[np.ndarray, dict]:
-    """``labels`` without the pieces ``decider`` rejects, and per class what went."""
+                 edges: Any = None, ct: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+    """``labels`` without the pieces ``decider`` rejects, and per class what went (``ct``: HU on the same
+    grid, for a decider that reads it)."""
     from .pieces import remove_pieces
 
-    pieces, drop = decider.decide(labels, spacing, edges)
+    pieces, drop = decider.decide(labels, spacing, edges, ct=ct)
     if not drop.any():
         return labels, {}
     dropped = {}

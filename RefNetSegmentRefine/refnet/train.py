@@ -195,7 +195,7 @@ def _proposals(model: LoadedModel, pairs: Sequence[TrainingPair]) -> list[Propos
     out = []
     for p in pairs:
         ct = None
-        if model.uses_ct:
+        if model.net_uses_ct:
             ct = window_ct(p.ct, *(model.metadata.get("ct_window") or (40.0, 400.0)))
         out.append(propose(p.raw.astype(np.int64), voxel_spacing(p.affine), model, ct=ct))
     return out
