@@ -331,3 +331,7 @@ def test_refnet_pieces_command_adds_a_decider_and_keeps_the_input_model(tmp_path
     printed = capsys.readouterr().out
     assert "cut-off" in printed and "whole-class cut-off" in printed
     assert main([*args, "--model", str(model), "--out", str(out)]) == 2  # exists: not replaced without --overwrite
+    with_ct = tmp_path / "m_pieces_ct.pt"
+    assert main([*args, "--model", str(model), "--out", str(with_ct), "--ct"]) == 0
+    loaded = load_model(with_ct)
+    assert loaded.pieces.uses_ct and loaded.uses_ct and not loaded.net_uses_ct

@@ -221,6 +221,24 @@ def test_ct_model_gets_the_ct_in_ijk_order(M, slicer, tmp_path):
     assert "label map only" in logic.describeModel(other, load=True)
 
 
+def test_a_model_whose_piece_decider_reads_the_ct_gets_the_ct(M, slicer, tmp_path):
+    from refnet.pieces import PieceDecider
+
+    ct, seg, ct_ijk = _scene(slicer, segments=SEGMENTS[:1])
+    raw = compose_class_map([SEGMENTS[0][3]], [6])
+    hu = ct_ijk.astype(np.float32)
+    decider = PieceDecider.fit([raw], [raw], [(1.0, 1.0, 1.0)], epochs=5, ensemble=1, cts=[hu])
+    plain = load_model(make_model_file(tmp_path / "plain.pt"))
+    path = save_model(tmp_path / "ct_pieces.pt", plain.net, metadata=plain.metadata, pieces=decider)
+    logic = M.RefNetSegmentRefineLogic()
+    result = logic.refine(seg, ct, modelPath=str(path), device="cpu")  # refuses without the CT otherwise
+    expected = refine_labels(raw, AFFINE, load_model(path), ct=hu)
+    sid = seg.GetSegmentation().GetNthSegmentID(0)
+    np.testing.assert_array_equal(slicer.util.arrayFromSegmentBinaryLabelmap(result.outputNode, sid, ct),
+                                  _kji(expected == 6))
+    assert "its piece decider also reads the CT" in logic.describeModel(str(path), load=True)
+
+
 def test_refine_arrays_is_the_batch_array_path(M, slicer, model_file):
     from refnet.batch import refine_label_map
 
