@@ -118,3 +118,18 @@ def test_the_engine_asks_for_the_ct_a_decider_reads(tmp_path):
     # Without the decider the CT is not needed.
     off = refine_volume(raw, np.eye(4), model, config=RefineConfig(guards=GuardConfig(drop_pieces=False)))
     assert off.report.dropped_pieces == {}
+
+
+def test_the_no_harm_check_gives_a_ct_decider_the_ct():
+    from refnet.checkpoint import load_model
+    from refnet.no_harm import no_harm_scores
+
+    train = _data(4, 4)
+    truths, raws, cts = ([case[k] for case in train] for k in range(3))
+    decider = PieceDecider.fit(raws + truths, truths + truths, [(1.0, 1.0, 1.0)] * 8, groups=[0, 1, 2, 3] * 2,
+                               epochs=50, ensemble=1, cts=cts + cts)
+    truth, _, ct = _case(True, np.random.default_rng(5))
+    scores = no_harm_scores(truth, np.eye(4), load_model(None), pieces=decider, ct=ct)
+    assert scores["mean_dice"] is not None and scores["pieces_dropped"] is not None
+    with pytest.raises(ValueError, match="reads the CT"):
+        no_harm_scores(truth, np.eye(4), load_model(None), pieces=decider)

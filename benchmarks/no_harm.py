@@ -19,7 +19,8 @@ per map (a slab of 1-8 slices, an in-plane cut at 20-80% along x or y, or both),
         [--out benchmarks/no_harm.json]
 
 ``--pieces`` applies a piece decider (refnet.pieces, e.g. a quality benchmark seed's ``pieces.pt``) after
-the refiner, as the pipeline would.
+the refiner, as the pipeline would. A decider (or model) that reads the CT gets the phantoms' CT; the real
+maps have none, so it runs with ``--phantoms-only``.
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def _crop(labels: np.ndarray, affine: np.ndarray, part: str | dict, scheme: str 
 def _phantom(seed: int, inplane: float, slices: float):
     config = PhantomConfig(inplane_spacing_mm=(inplane, inplane), slice_spacing_mm=(slices, slices))
     ph = make_phantom(100 + seed, config)
-    return ph.labels, ph.affine
+    return ph.labels, ph.affine, ph.ct
 
 
 @functools.lru_cache(maxsize=1)  # a map's crops read it once
@@ -163,13 +164,17 @@ def main() -> None:
     model = load_model(args.model, device=args.device)
     config = RefineConfig(guards=GuardConfig.off() if args.guards_off else GuardConfig())
     decider = PieceDecider.load(args.pieces) if args.pieces else None
+    if (model.uses_ct or (decider is not None and decider.uses_ct)) and not args.phantoms_only:
+        parser.error("this model or decider reads the CT, and the real label maps come without one; "
+                     "add --phantoms-only (the phantoms have their CT).")
     rows = []
     print(f"{'group':<12}{'case':<26}{'mean Dice':>10}{'min Dice':>10}{'changed %':>10}{'invented':>9}"
           f"{'new comp':>9}{'dropped':>8}{'s':>6}  worst organ (voxels)")
     for group, name, scheme, load in _cases(args):
-        labels, affine = load()
+        labels, affine, *ct = load()
         t0 = time.perf_counter()
-        scores = no_harm_scores(labels, affine, model, scheme=scheme, config=config, pieces=decider)
+        scores = no_harm_scores(labels, affine, model, scheme=scheme, config=config, pieces=decider,
+                                ct=ct[0] if ct else None)
         seconds = time.perf_counter() - t0
         if scores["mean_dice"] is None:  # none of RefNet's organs in it: nothing to score
             print(f"{group:<12}{name:<26} no RefNet organ, skipped", flush=True)

@@ -29,7 +29,8 @@ def new_components(before: np.ndarray, after: np.ndarray) -> int:
 
 
 def no_harm_scores(labels: np.ndarray, affine: np.ndarray, model: LoadedModel, *, scheme: str = "refnet",
-                   config: RefineConfig | None = None, pieces: Any = None) -> dict[str, Any]:
+                   config: RefineConfig | None = None, pieces: Any = None,
+                   ct: np.ndarray | None = None) -> dict[str, Any]:
     """Refine a correct label map and compare the result with it.
 
     Args:
@@ -39,6 +40,7 @@ def no_harm_scores(labels: np.ndarray, affine: np.ndarray, model: LoadedModel, *
         scheme: label numbering of ``labels``; structures outside RefNet's classes are ignored.
         config: refinement settings (default: guards on, as users get them).
         pieces: a :class:`refnet.pieces.PieceDecider` applied after the refiner (None: the refiner alone).
+        ct: the CT (HU, same grid), for a model or a decider that reads it.
 
     Returns:
         ``{"mean_dice": mean Dice over the organs present, "min_dice": the lowest organ's,
@@ -48,10 +50,10 @@ def no_harm_scores(labels: np.ndarray, affine: np.ndarray, model: LoadedModel, *
         (its voxels in the input), "dice"} or None}``.
     """
     classes, _ = to_class_labels(np.asarray(labels), scheme)
-    result = refine_volume(classes, affine, model, config=config)
+    result = refine_volume(classes, affine, model, config=config, ct=ct)
     refined, dropped = result.labels, None
     if pieces is not None:
-        refined, dropped = pieces.apply_to(refined, affine)
+        refined, dropped = pieces.apply_to(refined, affine, ct=ct if pieces.uses_ct else None)
     dice = dice_per_class(refined, classes)[1:]
     counts = np.bincount(classes.ravel(), minlength=NUM_CLASSES)[1:]
     present = counts > 0
