@@ -66,12 +66,13 @@ def case_census(raw: np.ndarray, truth: np.ndarray, spacing: Any, decider: Any
     """One canonical raw map against its truth: mean Dice per setting, a row per raw piece, and for the
     decider as fitted and piece by piece the organs it removed whole, split into absent and present."""
     from refnet.labels import CLASS_NAMES
-    from refnet.pieces import drop_helps, remove_pieces
+    from refnet.pieces import drop_helps, find_pieces, remove_pieces
 
-    pieces, dropped = decider.decide(raw, spacing)
+    pieces = find_pieces(raw, spacing)  # what decider.decide does, keeping its steps for the census
     volumes = _class_volumes(pieces, spacing, decider)
     prob = decider.scores(pieces, spacing)
     scored = decider.proposal(pieces, prob, *volumes)  # the cut-offs, before the gates
+    dropped = decider.gates.allow(pieces, scored, *volumes)
     piecewise = decider.gates.allow(pieces, decider.proposal(pieces, prob, *volumes, class_threshold=1.0), *volumes)
     helps, weight = drop_helps(pieces, truth)
     perfect = decider.gates.allow(pieces, helps, *volumes)

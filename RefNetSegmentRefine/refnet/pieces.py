@@ -619,7 +619,7 @@ def _choose_threshold(decider: PieceDecider, maps: Sequence[_Map], *, epochs: in
     piece_gain = {t: gain(t, 1.0) for t in THRESHOLDS}
     best = max(THRESHOLDS, key=lambda t: (round(piece_gain[t], 6), t))
     chosen = best if piece_gain[best] > 0 else 1.0
-    class_gain = {t: gain(chosen, t) - gain(chosen, 1.0) for t in THRESHOLDS} if chosen < 1.0 else {}
+    class_gain = {t: gain(chosen, t) - piece_gain[chosen] for t in THRESHOLDS} if chosen < 1.0 else {}
     best_class = max(THRESHOLDS, key=lambda t: (round(class_gain[t], 6), t)) if class_gain else 1.0
     chosen_class = best_class if class_gain.get(best_class, 0.0) > 0 else 1.0
     return (chosen, chosen_class), {
