@@ -84,3 +84,29 @@ def test_segmenters_reach_the_run_and_the_summary(tmp_path, monkeypatch):
     assert [(s.architecture, s.seed) for s in seen[0]] == [("unet", 0), ("dynunet", 1)]
     summary = json.loads((tmp_path / "out" / "quality.json").read_text())
     assert summary["segmenters"] == ["unet", "dynunet:seed=1"]
+
+
+def test_unseen_preset_reaches_the_run_so_segresnet_can_be_a_base_model(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("quality_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    seen = []
+
+    def fake_run(folder, config, *, seed, dataset):
+        seen.append(config)
+        return _run(seed, [0.5, 0.7], [0.51, 0.72])
+
+    monkeypatch.setattr(module, "run_quality", fake_run)
+    argv = ["quality.py", "--out", str(tmp_path / "out"), "--quick", "--seeds", "34",
+            "--segmenters", "unet", "segresnet:seed=1,steps=600"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--unseen", "dynunet:lr=0.03"])
+    assert module.main() == 0
+    assert [s.architecture for s in seen[0].demo.segmenters] == ["unet", "segresnet"]
+    assert (seen[0].unseen.architecture, seen[0].unseen.lr) == ("dynunet", 0.03)
+    assert json.loads((tmp_path / "out" / "quality.json").read_text())["unseen"] == "dynunet:lr=0.03"
+    for bad, message in (("unet", "the unseen architecture 'unet'"), ("vnet", "--unseen: unknown architecture")):
+        monkeypatch.setattr(sys, "argv", [*argv[:2], str(tmp_path / "bad"), *argv[3:], "--unseen", bad])
+        with pytest.raises(SystemExit) as done:
+            module.main()
+        assert done.value.code == 2 and message in capsys.readouterr().err
+    assert len(seen) == 1 and not (tmp_path / "bad").exists()

@@ -10,6 +10,8 @@ before any seed here was run; the default seeds (11-15) were never used to choos
     python benchmarks/quality.py --out q_btcv --dataset BTCV_DIR   # any BTCV-layout folder
     python benchmarks/quality.py --out q_arch --quick --seeds 21 --segmenters unet dynunet:seed=1
                                                                    # K = two architectures
+    python benchmarks/quality.py --out q_arch --quick --seeds 34 --segmenters unet segresnet:seed=1,steps=600 \
+        --unseen dynunet:lr=0.03                                   # UNet + SegResNet; unseen: nnU-Net's DynUNet
     python benchmarks/quality.py --out q_clin --quick --clinical   # CT at 0.7-1.0 mm, 1.5-5 mm slices
     python benchmarks/quality.py --out quality_out --add-methods pieces refnet_label_pieces unseen_pieces
                                                                    # score methods added since a run finished
@@ -112,6 +114,9 @@ def main() -> int:
                         help="the K base models RefNet and the decider train on, ARCH[:key=value,...] each "
                              "(SegmenterConfig.parse); the first is raw. Default: the demo's two UNets "
                              "(unet unet:seed=1,steps=400); e.g. unet dynunet:seed=1 for two architectures")
+    parser.add_argument("--unseen", metavar="PRESET",
+                        help="the base model of an architecture RefNet never trains on, for the unseen_* methods, "
+                             "ARCH[:key=value,...] (default segresnet); it must not be one of --segmenters")
     parser.add_argument("--clinical", action="store_true",
                         help="phantoms at clinical resolution (0.7-1.0 mm pixels, 1.5-5 mm slices); the base models "
                              "run on the demo's 2.2 x 2.2 x 4.5 mm grid and hand back logits on the CT's voxels")
@@ -125,12 +130,16 @@ def main() -> int:
         segmenters = tuple(SegmenterConfig.parse(p) for p in args.segmenters or ())
     except ValueError as err:
         parser.error(f"--segmenters: {err}")
+    try:
+        unseen = SegmenterConfig.parse(args.unseen) if args.unseen else config.unseen
+    except ValueError as err:
+        parser.error(f"--unseen: {err}")
     if segmenters and len(segmenters) < 2:
         parser.error("--segmenters: give K >= 2 base models (Algorithm 1 trains on several).")
     try:
         config = replace(config, demo=replace(config.demo, device=args.device,
                                               segmenters=segmenters or config.demo.segmenters),
-                         methods=tuple(args.methods or DEFAULT_METHODS))
+                         unseen=unseen, methods=tuple(args.methods or DEFAULT_METHODS))
         if args.clinical:
             config = config.at_clinical_resolution()
     except ValueError as err:
@@ -171,6 +180,8 @@ def main() -> int:
     summary["preset"] = "quick" if args.quick else "full"
     if segmenters:
         summary["segmenters"] = list(args.segmenters)
+    if args.unseen:
+        summary["unseen"] = args.unseen
     if args.clinical:
         summary["resolution"] = "clinical"
     summary["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -112,7 +112,8 @@ class QualityConfig:
         trained_on = {s.architecture for s in self.demo.segmenters}
         if "unseen_raw" in self.methods and self.unseen.architecture in trained_on:
             raise ValueError(f"the unseen architecture {self.unseen.architecture!r} is one of the base models "
-                             f"RefNet trains on ({sorted(trained_on)}); choose another, or leave out unseen_raw.")
+                             f"RefNet trains on ({sorted(trained_on)}); choose another "
+                             "(benchmarks/quality.py --unseen PRESET), or leave out unseen_raw.")
 
     def train_config(self, method: str) -> Any:
         """The RefNet training preset of a RefNet method."""
