@@ -47,6 +47,18 @@ def test_pieces_flag_stores_a_piece_decider_fitted_on_the_same_pairs(dataset, tm
     # 2 training pairs + each case's truth as a correct map; the cases are the dataset's training split.
     assert model.pieces is not None and model.pieces.provenance["maps"] == 4
     assert model.pieces.provenance["cases"] == [5, 6]
+    # The net alone stays in the work folder; the output is written once, with its decider.
+    assert (tmp_path / "m_work" / "refnet.pt").is_file()
+
+
+def test_pieces_ct_flag_stores_a_decider_that_reads_the_ct_for_a_label_only_net(dataset, tmp_path):
+    out = tmp_path / "m.pt"
+    argv = ["RefNetTrain.py", "--data", str(dataset), "--predictions", str(dataset / "label"), "--out", str(out),
+            "--pieces-ct", *TINY]
+    assert _load().main(argv) == 0
+    model = load_model(out)
+    assert model.pieces is not None and model.pieces.uses_ct and model.pieces.provenance["ct"] is True
+    assert not model.net_uses_ct and model.uses_ct  # the net reads labels only; the decider asks for the CT
 
 
 def test_inside_slicer_it_trains_through_the_module_logic(dataset, tmp_path, standin, monkeypatch):  # noqa: F811
@@ -62,7 +74,7 @@ def test_inside_slicer_it_trains_through_the_module_logic(dataset, tmp_path, sta
             *TINY]
     assert script.main(argv) == 0
     assert calls and calls[0]["useCt"] and calls[0]["epochs"] == 1 and calls[0]["preset"] == "demo"
-    assert calls[0]["pieces"] is False
+    assert calls[0]["pieces"] is False and calls[0]["piecesCt"] is False
     assert load_model(out).uses_ct
     assert script.main(["s.py", "--", "--data", str(dataset)]) == 2  # missing --predictions/--out
     assert script.main(["s.py", "--", "--data", str(tmp_path / "none"), "--predictions", str(tmp_path),

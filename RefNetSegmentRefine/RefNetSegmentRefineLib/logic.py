@@ -565,13 +565,14 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
     def train(self, datasetDir: str, predictionDirs: list[str], outputModelPath: str, *, preset: str = "demo",
               useCt: bool = False, labelScheme: str = "refnet", extraLabelDirs: tuple[str, ...] = (),
               extraLabelsScheme: str = "refnet", workDir: str | None = None, progress: bool = False,
-              pieces: bool = False, **trainConfig):
+              pieces: bool = False, piecesCt: bool = False, **trainConfig):
         """Train a RefNet model from a BTCV-layout dataset and folders of models' predictions (headless).
 
         The same as ``refnet train``: :func:`refnet.train.train_from_folders` with the ``demo`` preset (trains in
         minutes on a CPU) or the ``paper`` one, ``useCt`` adding the CT channel, and ``trainConfig`` overriding
         :class:`refnet.train.TrainConfig` fields (e.g. ``epochs=20``); ``pieces`` also fits the keep/drop decision
-        per connected piece into the model file (``refnet train --pieces``). Used by Scripts/RefNetTrain.py.
+        per connected piece into the model file (``refnet train --pieces``), ``piecesCt`` one that also reads the
+        CT (``--pieces-ct``). Used by Scripts/RefNetTrain.py.
 
         Returns:
             The written model path; choose it under Model to refine with it.
@@ -590,4 +591,4 @@ class RefNetSegmentRefineLogic(ScriptedLoadableModuleLogic):
         return train_from_folders(datasetDir, list(predictionDirs), outputModelPath,
                                   config=replace(config, **trainConfig), work_dir=workDir, scheme=labelScheme,
                                   progress=progress, extra_label_dirs=tuple(extraLabelDirs),
-                                  extra_scheme=extraLabelsScheme, pieces=pieces)
+                                  extra_scheme=extraLabelsScheme, pieces=pieces, pieces_ct=piecesCt)

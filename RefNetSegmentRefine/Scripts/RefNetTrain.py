@@ -3,7 +3,7 @@
 Usage::
 
     Slicer --no-main-window --python-script RefNetTrain.py -- --data DIR --predictions DIR [DIR ...]
-        --out MODEL.pt [--preset demo|paper] [--ct] [--pieces] [--epochs N] [--device auto|cpu|cuda] [...]
+        --out MODEL.pt [--preset demo|paper] [--ct] [--pieces | --pieces-ct] [--epochs N] [--device auto|cpu|cuda] [...]
     python RefNetTrain.py --data DIR --predictions DIR [DIR ...] --out MODEL.pt [...]
 
 The arguments are ``refnet train``'s (``--help`` lists them). Inside Slicer the training runs through
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
             out = train_from_folders(args.data, args.predictions, args.out, config=_train_config(args),
                                      work_dir=args.work_dir, scheme=args.label_scheme, progress=args.progress,
                                      extra_label_dirs=args.extra_labels or (), extra_scheme=args.extra_labels_scheme,
-                                     pieces=args.pieces)
+                                     pieces=args.pieces, pieces_ct=args.pieces_ct)
         else:
             from RefNetSegmentRefine import RefNetSegmentRefineLogic
 
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> int:
                 args.data, args.predictions, args.out, preset=args.preset, useCt=args.ct,
                 labelScheme=args.label_scheme, extraLabelDirs=tuple(args.extra_labels or ()),
                 extraLabelsScheme=args.extra_labels_scheme, workDir=args.work_dir, progress=args.progress,
-                pieces=args.pieces, **overrides)
+                pieces=args.pieces, piecesCt=args.pieces_ct, **overrides)
     except (FileNotFoundError, ValueError, RuntimeError, OSError) as err:
         logging.error("RefNet training: %s", err)
         return 1

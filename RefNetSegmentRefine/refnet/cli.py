@@ -101,7 +101,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = train_from_folders(args.data, args.predictions, args.out, config=_train_config(args),
                              work_dir=args.work_dir, scheme=args.label_scheme, progress=args.progress,
                              extra_label_dirs=args.extra_labels or (), extra_scheme=args.extra_labels_scheme,
-                             pieces=args.pieces)
+                             pieces=args.pieces, pieces_ct=args.pieces_ct)
     print(out)
     return 0
 
@@ -334,6 +334,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--pieces", action="store_true",
                    help="also fit the keep/drop decision per connected piece on the same pairs and store it in "
                         "the model file (as 'refnet pieces' does; use out-of-fold predictions)")
+    s.add_argument("--pieces-ct", action="store_true",
+                   help="as --pieces, with a decider that also reads each piece's CT intensities (read from --data, "
+                        "as 'refnet pieces --ct'); the model then needs the CT wherever it refines")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("pieces", parents=[common],

@@ -568,6 +568,7 @@ def train_from_folders(
     extra_label_dirs: Sequence[str | os.PathLike] = (),
     extra_scheme: str = "refnet",
     pieces: bool = False,
+    pieces_ct: bool = False,
 ) -> Path:
     """Train from a BTCV-layout dataset and K folders of predictions on its training cases.
 
@@ -584,6 +585,8 @@ def train_from_folders(
         pieces: also fit the keep/drop decision per connected piece (:mod:`refnet.pieces`) on the same
             pairs and store it in ``output``, as ``refnet pieces`` would afterwards: the shipped pipeline's
             second stage, so a model trained on your data refines the way the shipped one does.
+        pieces_ct: the same with a decider that also reads the CT (``refnet pieces --ct``); the model then
+            needs the CT wherever it refines.
 
     Returns:
         ``output``.
@@ -591,7 +594,9 @@ def train_from_folders(
     from .pairs import EXTRA_LABELS_IDS, load_label_maps, load_training_pairs
 
     config = config or TrainConfig()
-    pairs = load_training_pairs(dataset_dir, prediction_dirs, scheme=scheme, with_ct=config.model.ct_channels > 0)
+    net_ct = config.model.ct_channels > 0
+    pieces = pieces or pieces_ct
+    pairs = load_training_pairs(dataset_dir, prediction_dirs, scheme=scheme, with_ct=net_ct or pieces_ct)
     extra: list[TrainingPair] = []
     for folder in extra_label_dirs:
         if config.model.ct_channels:
@@ -599,11 +604,14 @@ def train_from_folders(
         extra += [replace(p, case_id=EXTRA_LABELS_IDS + len(extra) + i) for i, p in
                   enumerate(load_label_maps(folder, scheme=extra_scheme))]
     work = Path(work_dir) if work_dir is not None else Path(output).parent / f"{Path(output).stem}_work"
-    model = train_refnet(pairs, config, work_dir=work, output=output, progress=progress, extra_maps=extra)
+    net_pairs = pairs if net_ct else [replace(p, ct=None) for p in pairs]  # a label-only net reads no CT
+    # With a decider, the net alone stays in the work folder and ``output`` is written once, net and decider.
+    model = train_refnet(net_pairs, config, work_dir=work, output=None if pieces else output, progress=progress,
+                         extra_maps=extra)
     if pieces:
         from .pieces import fit_on_pairs
 
-        decider = fit_on_pairs(pairs, seed=config.seed, provenance={"data": str(dataset_dir)})
+        decider = fit_on_pairs(pairs, seed=config.seed, provenance={"data": str(dataset_dir)}, with_ct=pieces_ct)
         save_model(output, model.net, metadata=model.metadata, pieces=decider)
         logger.info("piece decider fitted on %d maps (cut-off %s, whole-class cut-off %s) and stored in %s",
                     decider.provenance["maps"], decider.threshold, decider.class_threshold, output)
