@@ -76,12 +76,12 @@ def main() -> int:
                      "mean_dice": round(float(np.nanmean(np.nanmean(dice, axis=1))), 4),
                      "organ_dice": round(float(np.nanmean(np.nanmean(dice[:, 1:], axis=1))), 4)})
         print(json.dumps(rows[-1]), flush=True)
+        write_json(out / "segmenter_presets.json", {"seed": args.seed, "training_cases": len(fit),  # kept if stopped
+                                                    "test_cases": len(test), "rows": rows})
     print(f"\nseed {args.seed}: {len(fit)} training cases, {len(test)} test cases\n")
     print("| preset | steps/s | train s | mean Dice | organ Dice |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['preset']} | {r['steps_per_s']} | {r['train_s']} | {r['mean_dice']:.4f} | {r['organ_dice']:.4f} |")
-    write_json(out / "segmenter_presets.json", {"seed": args.seed, "training_cases": len(fit),
-                                                "test_cases": len(test), "rows": rows})
     return 0
 
 
