@@ -115,7 +115,11 @@ def test_the_engine_refines_exactly_as_plain_fp32_inference(monkeypatch, scrambl
     monkeypatch.setattr(refine_module, "predict_logits", _plain_logits)
     monkeypatch.setattr(refine_module, "resample_labels", _resample_all_classes)
     plain = refine_labels(raw, affine, model, config=RefineConfig(batch_size=8, guards=guards))
-    np.testing.assert_array_equal(fast, plain)
+    # fp32 convolutions at another batch size and memory layout run other kernels (which ones depends on the
+    # CPU), so a voxel whose two best classes tie to ~1e-6 may flip (1 of 967932 on an AMD EPYC with the
+    # scrambled net); a wrong path changes thousands (the scrambled net changes > 1000 against raw).
+    differ = int((fast != plain).sum())
+    assert differ <= 1e-5 * fast.size, f"{differ} of {fast.size} voxels differ from plain fp32 inference"
 
 
 def test_bf16_autocast_on_cpu_stays_within_tolerance():
