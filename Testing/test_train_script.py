@@ -28,21 +28,23 @@ def dataset(tmp_path_factory):
     return root  # its label/ folder doubles as a "model's predictions" (a perfect model)
 
 
-def test_plain_python_trains_the_model_refnet_train_would(dataset, tmp_path):
+def _train_plain(dataset, tmp_path, *flags):
+    """RefNetTrain.py in plain Python on the tiny dataset (its truth as the predictions); the written model."""
     out = tmp_path / "m.pt"
-    argv = ["RefNetTrain.py", "--data", str(dataset), "--predictions", str(dataset / "label"), "--out", str(out), *TINY]
+    argv = ["RefNetTrain.py", "--data", str(dataset), "--predictions", str(dataset / "label"), "--out", str(out),
+            *flags, *TINY]
     assert _load().main(argv) == 0
-    model = load_model(out)
+    return load_model(out)
+
+
+def test_plain_python_trains_the_model_refnet_train_would(dataset, tmp_path):
+    model = _train_plain(dataset, tmp_path)
     assert model.metadata["training"]["pairs"] == 2 and not model.uses_ct
     assert model.pieces is None  # the decision per piece only when asked for
 
 
 def test_pieces_flag_stores_a_piece_decider_fitted_on_the_same_pairs(dataset, tmp_path):
-    out = tmp_path / "m.pt"
-    argv = ["RefNetTrain.py", "--data", str(dataset), "--predictions", str(dataset / "label"), "--out", str(out),
-            "--pieces", *TINY]
-    assert _load().main(argv) == 0
-    model = load_model(out)
+    model = _train_plain(dataset, tmp_path, "--pieces")
     assert model.metadata["training"]["pairs"] == 2  # the trained net, not replaced by the refit
     # 2 training pairs + each case's truth as a correct map; the cases are the dataset's training split.
     assert model.pieces is not None and model.pieces.provenance["maps"] == 4
@@ -52,11 +54,7 @@ def test_pieces_flag_stores_a_piece_decider_fitted_on_the_same_pairs(dataset, tm
 
 
 def test_pieces_ct_flag_stores_a_decider_that_reads_the_ct_for_a_label_only_net(dataset, tmp_path):
-    out = tmp_path / "m.pt"
-    argv = ["RefNetTrain.py", "--data", str(dataset), "--predictions", str(dataset / "label"), "--out", str(out),
-            "--pieces-ct", *TINY]
-    assert _load().main(argv) == 0
-    model = load_model(out)
+    model = _train_plain(dataset, tmp_path, "--pieces-ct")
     assert model.pieces is not None and model.pieces.uses_ct and model.pieces.provenance["ct"] is True
     assert not model.net_uses_ct and model.uses_ct  # the net reads labels only; the decider asks for the CT
 
