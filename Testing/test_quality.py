@@ -1,4 +1,5 @@
 import json
+import re
 from dataclasses import replace
 
 import numpy as np
@@ -37,6 +38,8 @@ def test_every_method_is_scored_on_the_same_test_cases(tmp_path):
     summary = summarise_quality([ct_model, run])
     assert summary["cases"] == 4 and set(summary["gains"]) == set(METHODS) - {"raw", "unseen_raw"}
     assert summary["gains"]["unseen_refnet_label"]["against"] == "unseen_raw"
+    # RefNet and the decider on the K models' average are judged against the average they refine.
+    assert {summary["gains"][m]["against"] for m in METHODS if m.startswith("average_")} == {"average"}
     # The same run twice: every paired difference is the run's own, so SD over seeds is 0.
     lab = summary["gains"]["refnet_label"]
     assert lab["gain_percent_sd"] == pytest.approx(0.0)
@@ -45,6 +48,7 @@ def test_every_method_is_scored_on_the_same_test_cases(tmp_path):
     assert lab["gain_percent_mean"] == pytest.approx(100 * (ref - raw) / raw, abs=1e-3)
     table = quality_table(summary)
     assert table.count("\n") == len(METHODS) + 1 and "refnet_ct" in table
+    assert re.search(r"\| average_pieces \| [0-9.]+ \| average \|", table)  # the row names its baseline
     assert save_gain_chart(tmp_path / "gain.png", summary).stat().st_size > 0
 
 
@@ -71,6 +75,8 @@ def test_unknown_methods_are_refused():
         QualityConfig(methods=("raw", "magic"))
     with pytest.raises(ValueError, match="needs unseen_raw"):
         QualityConfig(methods=("raw", "unseen_refnet_label"))
+    with pytest.raises(ValueError, match="needs average"):
+        QualityConfig(methods=("raw", "average_refnet_label"))
 
 
 def test_the_unseen_architecture_must_stay_unseen():

@@ -25,7 +25,12 @@ test cases these methods are scored against the ground truth:
   piece's HU against its organ's in the training truth; :data:`refnet.pieces.CT_FEATURE_NAMES`): can it tell
   an organ the patient lacks from a small real one, which the label map alone cannot;
 - ``unseen_raw`` / ``unseen_refnet_label`` / ``unseen_pieces``: a base model of an architecture RefNet and
-  the decider never trained on, before and after ``refnet_label`` and ``pieces``.
+  the decider never trained on, before and after ``refnet_label`` and ``pieces``;
+- ``average_refnet_label`` / ``average_pieces`` / ``average_refnet_label_pieces``: ``refnet_label``, the
+  piece decision and both applied to ``average``'s map, scored against ``average`` (added after the first
+  seed with two architectures among the K models put ``average`` ahead of every refinement of raw: does
+  refining the ensemble still help? Nothing is trained or chosen for them: the same net and decider, on
+  another input).
 
 Metrics per class and case: Dice (the paper's 13-class mean), NSD with FLARE22's tolerances and HD95
 (:mod:`refnet.surface`), false-positive volume. :func:`summarise_quality` pools seeds and gives the
@@ -55,14 +60,17 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("raw", "cleanup", "average", "refnet_label", "refnet_ct", "refnet_paper", "refnet_label_cleanup",
            "refnet_components", "pieces", "refnet_label_pieces", "unseen_raw", "unseen_refnet_label", "unseen_pieces",
-           "pieces_ct", "refnet_label_pieces_ct")
+           "pieces_ct", "refnet_label_pieces_ct", "average_refnet_label", "average_pieces",
+           "average_refnet_label_pieces")
 # What a run scores unless told otherwise: refnet_components is opt-in (--methods), because a fourth RefNet
 # would take the --quick seed past its 30 minutes on 2 cores and it gained nothing on development data
 # (benchmarks/refnet_variants.py); the CT-reading decider is opt-in as it was added after the published runs.
 DEFAULT_METHODS = tuple(m for m in METHODS if m not in ("refnet_components", "pieces_ct", "refnet_label_pieces_ct"))
-BASELINE = {m: "unseen_raw" if m.startswith("unseen_") else "raw" for m in METHODS}  # what a method is compared with
+BASELINE = {m: "unseen_raw" if m.startswith("unseen_") else "average" if m.startswith("average_") else "raw"
+            for m in METHODS}  # what a method is compared with: the map it refines
 REFNETS = ("refnet_label", "refnet_ct", "refnet_paper", "refnet_components")
-NEEDS = {"unseen_refnet_label": "unseen_raw", "unseen_pieces": "unseen_raw", "refnet_label_cleanup": "cleanup"}
+NEEDS = {"unseen_refnet_label": "unseen_raw", "unseen_pieces": "unseen_raw", "refnet_label_cleanup": "cleanup",
+         "average_refnet_label": "average", "average_pieces": "average", "average_refnet_label_pieces": "average"}
 
 
 # Clinical resolution (QualityConfig.at_clinical_resolution): the phantoms' pixel and slice ranges, and the
@@ -228,11 +236,13 @@ def run_quality(
 
 def _needs_refnet_label(config: QualityConfig) -> bool:
     return any(m in config.methods for m in ("unseen_refnet_label", "refnet_label_cleanup", "refnet_label_pieces",
-                                             "refnet_label_pieces_ct"))
+                                             "refnet_label_pieces_ct", "average_refnet_label",
+                                             "average_refnet_label_pieces"))
 
 
 def _needs_decider(config: QualityConfig) -> bool:
-    return any(m in config.methods for m in ("pieces", "refnet_label_pieces", "unseen_pieces"))
+    return any(m in config.methods for m in ("pieces", "refnet_label_pieces", "unseen_pieces", "average_pieces",
+                                             "average_refnet_label_pieces"))
 
 
 def _needs_ct_decider(config: QualityConfig) -> bool:
@@ -343,8 +353,11 @@ def _score_test_cases(data, cases, config, folders, unseen, models, plan, out, d
             if "unseen_refnet_label" in config.methods:
                 maps["unseen_refnet_label"] = refine_labels(unseen_preds[case.case_id], ct.affine,
                                                             models["refnet_label"])
+        if {"average_refnet_label", "average_refnet_label_pieces"} & set(config.methods):
+            maps["average_refnet_label"] = refine_labels(maps["average"], ct.affine, models["refnet_label"])
         for method, source in (("pieces", "raw"), ("refnet_label_pieces", "refnet_label"),
-                               ("unseen_pieces", "unseen_raw")):
+                               ("unseen_pieces", "unseen_raw"), ("average_pieces", "average"),
+                               ("average_refnet_label_pieces", "average_refnet_label")):
             if method in config.methods:
                 maps[method] = decider.apply_to(maps[source], ct.affine)[0]
         for method, source in (("pieces_ct", "raw"), ("refnet_label_pieces_ct", "refnet_label")):
@@ -446,7 +459,7 @@ def _by_class(values: np.ndarray) -> dict[str, float | None]:
 
 def quality_table(summary: dict[str, Any]) -> str:
     """Markdown table: one row per method, its means and its gain against its baseline."""
-    head = ("| method | mean Dice | gain vs baseline | 95% CI of case Dice diff | worst organ | mean NSD "
+    head = ("| method | mean Dice | against | gain | 95% CI of case Dice diff | worst organ | mean NSD "
             "| mean HD95 mm | FP mL/organ |")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for m in METHODS:
@@ -459,9 +472,10 @@ def quality_table(summary: dict[str, Any]) -> str:
             gain = f"{g['gain_percent_mean']:+.2f}%" + (f" ± {sd:.2f}" if sd is not None else "")
             ci = "n/a" if d["low"] is None else f"[{d['low']:+.4f}, {d['high']:+.4f}]"
             worst = f"{g['worst_organ_change']:+.4f}"
+            against = g["against"]
         else:
-            gain, ci, worst = "(baseline)", "", ""
-        lines.append(f"| {m} | {s['mean_dice']:.4f} | {gain} | {ci} | {worst} | {_f(s['mean_nsd'])} "
+            against, gain, ci, worst = "", "(baseline)", "", ""
+        lines.append(f"| {m} | {s['mean_dice']:.4f} | {against} | {gain} | {ci} | {worst} | {_f(s['mean_nsd'])} "
                      f"| {_f(s['mean_hd95'], 2)} | {_f(s['mean_false_positive_ml'], 2)} |")
     return "\n".join(lines)
 
