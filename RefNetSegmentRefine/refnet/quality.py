@@ -71,6 +71,10 @@ BASELINE = {m: "unseen_raw" if m.startswith("unseen_") else "average" if m.start
 REFNETS = ("refnet_label", "refnet_ct", "refnet_paper", "refnet_components")
 NEEDS = {"unseen_refnet_label": "unseen_raw", "unseen_pieces": "unseen_raw", "refnet_label_cleanup": "cleanup",
          "average_refnet_label": "average", "average_pieces": "average", "average_refnet_label_pieces": "average"}
+# The piece-decision methods and the map each one decides on (label-only decider, and the one reading the CT).
+PIECE_SOURCES = {"pieces": "raw", "refnet_label_pieces": "refnet_label", "unseen_pieces": "unseen_raw",
+                 "average_pieces": "average", "average_refnet_label_pieces": "average_refnet_label"}
+PIECE_CT_SOURCES = {"pieces_ct": "raw", "refnet_label_pieces_ct": "refnet_label"}
 
 
 # Clinical resolution (QualityConfig.at_clinical_resolution): the phantoms' pixel and slice ranges, and the
@@ -241,12 +245,11 @@ def _needs_refnet_label(config: QualityConfig) -> bool:
 
 
 def _needs_decider(config: QualityConfig) -> bool:
-    return any(m in config.methods for m in ("pieces", "refnet_label_pieces", "unseen_pieces", "average_pieces",
-                                             "average_refnet_label_pieces"))
+    return any(m in config.methods for m in PIECE_SOURCES)
 
 
 def _needs_ct_decider(config: QualityConfig) -> bool:
-    return any(m in config.methods for m in ("pieces_ct", "refnet_label_pieces_ct"))
+    return any(m in config.methods for m in PIECE_CT_SOURCES)
 
 
 def _cleanup_plan(pairs: list[Any], source: str) -> dict[int, list[str]]:
@@ -355,12 +358,10 @@ def _score_test_cases(data, cases, config, folders, unseen, models, plan, out, d
                                                             models["refnet_label"])
         if {"average_refnet_label", "average_refnet_label_pieces"} & set(config.methods):
             maps["average_refnet_label"] = refine_labels(maps["average"], ct.affine, models["refnet_label"])
-        for method, source in (("pieces", "raw"), ("refnet_label_pieces", "refnet_label"),
-                               ("unseen_pieces", "unseen_raw"), ("average_pieces", "average"),
-                               ("average_refnet_label_pieces", "average_refnet_label")):
+        for method, source in PIECE_SOURCES.items():
             if method in config.methods:
                 maps[method] = decider.apply_to(maps[source], ct.affine)[0]
-        for method, source in (("pieces_ct", "raw"), ("refnet_label_pieces_ct", "refnet_label")):
+        for method, source in PIECE_CT_SOURCES.items():
             if method in config.methods:
                 maps[method] = ct_decider.apply_to(maps[source], ct.affine, ct=ct.array)[0]
         spacing = voxel_spacing(ct.affine)
