@@ -131,3 +131,24 @@ def test_base_model_losses_match_one_process_with_the_same_global_batch(tmp_path
     assert len(one) == len(two) == 4
     assert one[0] == pytest.approx(two[0], rel=1e-5)  # the same weights and batch: the same loss
     assert one == pytest.approx(two, rel=1e-3)  # and the same steps after it (float rounding apart)
+
+
+def test_the_process_group_is_destroyed_before_interpreter_shutdown():
+    # A group left to interpreter shutdown can abort a finished gloo job (SIGABRT): setup registers its
+    # destruction at exit. atexit runs last-in first-out, so the check registered before setup runs after it.
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = ("import atexit, torch.distributed as dist\n"
+            "atexit.register(lambda: print('initialized at exit:', dist.is_initialized()))\n"
+            "from refnet.distributed import setup\n"
+            "assert setup('cpu')[0].world == 1 and dist.is_initialized()\n")
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT / "RefNetSegmentRefine")}
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "initialized at exit: False" in done.stdout, done.stdout + done.stderr[-3000:]

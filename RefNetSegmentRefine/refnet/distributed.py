@@ -8,6 +8,7 @@ runs in one process as before.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -73,4 +74,13 @@ def setup(device: str = "auto") -> tuple[Distributed, str]:
         device = "cpu"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
+        # Left to interpreter shutdown, gloo's worker threads can still hold work and abort the process
+        # ("terminate called without an active exception", SIGABRT; pytorch/pytorch#179291): the job then
+        # fails after training has finished. Destroying the group at exit, before shutdown, avoids it.
+        atexit.register(_destroy)
     return Distributed(rank, world, local), device
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
